@@ -1,0 +1,338 @@
+"""The run config: one pydantic model per YAML section, and the only place defaults live.
+
+Every stage receives the section(s) it needs. Loading validates the whole file before any work
+starts, so a misspelled key or a string where a number belongs stops the run with the key path
+and a hint (exit code 2), not an hour into training.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medtune.errors import ConfigError
+
+Language = Literal["ko", "en", "mixed", "other"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    """One input file or folder and how to read it."""
+
+    path: Path
+    """A file or a folder (KorMedMCQA's per-profession CSVs, MMLU's per-subject CSVs). Relative paths
+    resolve against the config file's folder."""
+    format: Literal[
+        "auto",
+        "jsonl",
+        "json",
+        "csv",
+        "tsv",
+        "parquet",
+        "kormedmcqa",
+        "medqa",
+        "medmcqa",
+        "pubmedqa",
+        "mmlu",
+        "genmedgpt",
+    ] = "auto"
+    name: str | None = None
+    """Source name used in reports and per-source counts; defaults to the format or file stem."""
+    split: str | None = None
+    """Which split(s) to read from a folder layout (e.g. `train`, `valid`, `dev`); None reads the
+    file as given."""
+    language: Literal["auto", "ko", "en"] = "auto"
+    fields: dict[str, str | list[str]] = Field(default_factory=dict)
+    """Generic column mapping for a user's own files: question, options (a list of columns or one
+    list-valued column), answer, explanation, prompt, response, id, subject."""
+    limit: int | None = Field(default=None, ge=1)
+    """Read at most this many records (after validation), for quick experiments."""
+    header: bool | None = None
+    """CSV/TSV only: whether the first row names the columns; None guesses from the first row.
+    Without a header, `fields` name columns by 0-based position (`question: "0"`)."""
+    answer_index_base: Literal[0, 1] = 0
+    """How an integer `answer` counts options in a user's own file: 0 (0 = A) or 1 (1 = A)."""
+
+
+class DedupeConfig(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(default=0.85, gt=0, le=1)
+    """Estimated Jaccard similarity of word 5-gram shingles above which two records are near duplicates."""
+    num_perm: int = Field(default=128, ge=16)
+    shingle_words: int = Field(default=5, ge=1)
+    """Words per shingle for near-duplicate MinHash (texts shorter than this become one shingle)."""
+
+
+class ContaminationConfig(Section):
+    ngram: int = Field(default=13, ge=3)
+    """Length in words of the question-stem n-grams compared between training and eval items."""
+    action: Literal["report", "remove"] = "remove"
+    char_ngram: int = Field(default=30, ge=8)
+    """Stems with fewer than `ngram` words (most Korean stems) are compared by character n-grams of
+    this length (spaces removed); stems shorter than that must match whole, options included."""
+
+
+class MixConfig(Section):
+    """Target language mix of the training set (the paper's finding: balance, not volume)."""
+
+    ratio: dict[str, float] | None = None
+    """e.g. {ko: 1, en: 1}, or the paper's English-heavy {ko: 3, en: 10}. None keeps everything."""
+    by: Literal["examples", "tokens"] = "examples"
+    total: int | None = Field(default=None, ge=1)
+    """Budget in examples or tokens (by `by`). None: the largest mix the data allows without up-sampling."""
+    replacement: bool = False
+    """Allow up-sampling (sampling with replacement) when a language has too little data for its share."""
+    stratify_by: Literal["source", "subject", "none"] = "source"
+
+
+class DataConfig(Section):
+    train: list[SourceConfig] = Field(default_factory=list)
+    eval: list[SourceConfig] = Field(default_factory=list)
+    mix: MixConfig = Field(default_factory=MixConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    contamination: ContaminationConfig = Field(default_factory=ContaminationConfig)
+    scrub_pii: bool = True
+    min_question_chars: int = Field(default=1, ge=1)
+
+
+class ModelConfig(Section):
+    path: Path
+    """A local model directory (safetensors + config.json + tokenizer). Never a hub id: medtune is offline."""
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Compute dtype. auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Load pickle `.bin` weights. Off: pickle files can run code when loaded."""
+
+
+class QuantizationConfig(Section):
+    mode: Literal["none", "nf4", "fp4", "int8"] = "nf4"
+    double_quant: bool = True
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float32"] = "auto"
+    """auto: the compute dtype under FSDP (FSDP needs one dtype per flat param), else uint8."""
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32, gt=0)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class PackingConfig(Section):
+    """How records become token rows: prompt format, loss mask, packing or padding."""
+
+    mode: Literal["packed", "padded"] = "packed"
+    max_seq_len: int = Field(default=1024, ge=16)
+    padding: Literal["longest", "max_length"] = "longest"
+    """Padded mode only: pad each batch to its longest row, or every row to max_seq_len."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    train_on_prompt: bool = False
+    include_explanation: bool = True
+    template: Literal["auto", "chat", "plain"] = "auto"
+    """auto: the tokenizer's chat template when it has one, else medtune's plain template."""
+    prompt_language: Literal["auto", "ko", "en"] = "auto"
+    """Wording of the instruction: by each record's language (auto) or fixed."""
+
+
+class TrainConfig(Section):
+    epochs: float = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    micro_batch_size: int = Field(default=1, ge=1)
+    """Rows per forward pass per rank."""
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    gradient_checkpointing: bool = True
+    checkpoint_every_k_layers: int = Field(default=1, ge=1)
+    activation_offload: bool = False
+    chunked_ce: Literal["auto", "on", "off", "liger", "cce"] = "auto"
+    """auto: chunked cross-entropy when the vocabulary is large (>= 32k), so full logits never exist."""
+    ce_chunk_size: int = Field(default=1024, ge=16)
+    save_every: int | None = Field(default=None, ge=1)
+    """Checkpoint every N optimizer steps (None: only at the end and on SIGTERM/SIGINT)."""
+    keep_last: int = Field(default=2, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    max_bad_steps: int = Field(default=5, ge=1)
+    """Stop after this many non-finite losses in a row."""
+    tensorboard: bool = False
+
+
+class DistributedConfig(Section):
+    nproc: int = Field(default=1, ge=1)
+    """Processes on this node; >1 makes `medtune train` re-launch itself under torchrun."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    cpu_offload: bool = False
+    reshard_after_forward: bool = True
+
+
+class EvalConfig(Section):
+    mode: Literal["letter", "loglik", "generate"] = "letter"
+    k_shot: int = Field(default=0, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+    max_items: int | None = Field(default=None, ge=1)
+    """Score at most this many items per eval source (for quick runs)."""
+    max_new_tokens: int = Field(default=32, ge=1)
+    eval_base: bool = True
+    """Also score the base model, so the report shows what fine-tuning changed."""
+    bootstrap_samples: int = Field(default=2000, ge=100)
+    group_by: list[Literal["language", "source", "subject"]] = Field(
+        default_factory=lambda: ["language", "source", "subject"]
+    )
+
+
+class OutputConfig(Section):
+    dir: Path = Path("runs/default")
+
+
+class RunConfig(Section):
+    """A whole medtune run. `seed` feeds every RNG in every stage."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    packing: PackingConfig = Field(default_factory=PackingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _needs_training_data(self) -> RunConfig:
+        if not self.data.train and not self.data.eval:
+            raise ValueError("data: give at least one source under data.train or data.eval")
+        return self
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_fits_numpy(cls, v: int) -> int:
+        if not 0 <= v < 2**32:
+            raise ValueError("seed must be in [0, 2**32)")
+        return v
+
+    def config_hash(self) -> str:
+        """Hash of the resolved config, for manifests and for refusing a stale checkpoint."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read, resolve and validate a YAML run config.
+
+    Relative paths (data sources, model, output dir) resolve against the config file's folder, so a
+    config works from any working directory. `overrides` maps dotted keys to values (`train.lr`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    cfg = validate_config(raw, where=str(path))
+    return _resolve_paths(cfg, path.resolve().parent)
+
+
+def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, where)) from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    def resolve(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    for section, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        for i, source in enumerate(sources):
+            source.path = resolve(source.path)
+            if not source.path.exists():
+                raise ConfigError(f"data.{section}.{i}.path: no such file or folder: {source.path}")
+    cfg.model.path = resolve(cfg.model.path)
+    cfg.output.dir = resolve(cfg.output.dir)
+    return cfg
+
+
+def _explain(exc: ValidationError, where: str) -> str:
+    """Turn pydantic's errors into one paragraph per problem: key path, what is wrong, a hint."""
+    lines = [f"{where}: the config is not valid ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(err["loc"])
+            lines.append(f"  - {loc}: unknown key{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"  - {loc}: required key is missing")
+        else:
+            got = err.get("input")
+            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"  - {loc}: {err['msg']}{got_s}")
+    lines.append("Run `medtune config show` on a valid config to see every key with its default.")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """'did you mean ...' for a misspelled key, from the fields of the section that holds it."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        inner = _section_type(field.annotation)
+        if inner is None:
+            return ""
+        model = inner
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(model.model_fields)}"
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML, every default spelled out."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,62 @@
+"""Config loading: defaults, path resolution, and errors that name the key before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtune.config import dump_config, load_config
+from medtune.errors import ConfigError
+
+
+def write(tmp_path: Path, body: dict) -> Path:
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(body, allow_unicode=True))
+    return path
+
+
+BASE = {"model": {"path": "m"}, "data": {"train": [{"path": "d.jsonl"}]}}
+
+
+def test_defaults_and_relative_paths_resolve_against_the_config(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BASE))
+    assert cfg.model.path == tmp_path / "m"
+    assert cfg.data.train[0].path == tmp_path / "d.jsonl"
+    assert cfg.quantization.mode == "nf4" and cfg.quantization.double_quant
+    assert cfg.lora.target_modules == "all-linear"
+    assert "max_seq_len: 1024" in dump_config(cfg)
+
+
+def test_misspelled_key_names_the_path_and_suggests_the_fix(tmp_path: Path) -> None:
+    body = {**BASE, "train": {"lerning_rate": 1e-4}}
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, body))
+    assert "train.lerning_rate: unknown key" in str(exc.value)
+
+
+def test_wrong_type_names_the_key_and_the_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, {**BASE, "train": {"lr": "fast"}}))
+    assert "train.lr" in str(exc.value) and "'fast'" in str(exc.value)
+
+
+def test_missing_data_file_is_named(tmp_path: Path) -> None:
+    body = {**BASE, "data": {"train": [{"path": "nope.jsonl"}]}}
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.path: no such file.*nope\.jsonl"):
+        load_config(write(tmp_path, body))
+
+
+def test_overrides_use_dotted_keys_and_are_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(path, {"train.max_steps": 7}).train.max_steps == 7
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(path, {"train.max_steps": 0})
+
+
+def test_config_hash_changes_with_any_value(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(path).config_hash() == load_config(path).config_hash()
+    assert load_config(path).config_hash() != load_config(path, {"seed": 1}).config_hash()
