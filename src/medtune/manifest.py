@@ -61,11 +61,11 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 @contextmanager
-def stage_manifest(stage: str, cfg: RunConfig, out_dir: Path) -> Iterator[dict[str, Any]]:
+def stage_manifest(stage: str, cfg: RunConfig, out_dir: Path, write: bool = True) -> Iterator[dict[str, Any]]:
     """Time a stage and write `out_dir/run.json` when it completes.
 
     Yields a dict the stage can add results to (`manifest["results"] = ...`). Nothing is written
-    if the stage raises: a manifest means the stage finished.
+    if the stage raises: a manifest means the stage finished. `write=False` on non-zero ranks.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -83,7 +83,8 @@ def stage_manifest(stage: str, cfg: RunConfig, out_dir: Path) -> Iterator[dict[s
     yield record
     record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record["seconds"] = round(time.time() - started, 3)
-    write_json_atomic(out_dir / "run.json", record)
+    if write:
+        write_json_atomic(out_dir / "run.json", record)
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:

@@ -1,0 +1,95 @@
+"""Process groups and FSDP2 sharding: the only place single-process and distributed training differ.
+
+Launched under `torchrun`, each rank joins the default process group (NCCL on CUDA, gloo on CPU)
+and the model is sharded with FSDP2 `fully_shard`: every decoder layer is its own unit, and the
+root unit (embeddings, final norm, lm_head, which Gemma ties to the embeddings) is the wrapper
+that computes the loss, so its parameters are gathered for the whole loss computation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medtune.config import DistributedConfig
+from medtune.offload import decoder_layers
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(cfg: DistributedConfig) -> DistInfo:
+    """Join the process group torchrun set up, or describe the single process we are."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend=backend, device_id=device if cuda else None)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a small tensor over ranks (a no-op in a single process)."""
+    if info.distributed:
+        values = values.to(info.device)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def shard_with_fsdp2(root: nn.Module, cfg: DistributedConfig, compute_dtype: torch.dtype) -> nn.Module:
+    """Apply FSDP2 `fully_shard` to each decoder layer, then to `root` (in place)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    for layer in decoder_layers(root):
+        fully_shard(
+            layer, mp_policy=mp, offload_policy=offload, reshard_after_forward=cfg.reshard_after_forward
+        )
+    # The root is not resharded after forward: backward needs its parameters straight away.
+    fully_shard(root, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
+    return root
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `python -m medtune <argv>` under torchrun with `nproc` processes; return its exit code."""
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", f"--nproc_per_node={nproc}", "-m", "medtune", *argv]
+    return subprocess.call(cmd)

@@ -1,0 +1,194 @@
+"""`medtune eval`: score the base and the fine-tuned model on the prepared eval set.
+
+    eval/base/predictions.jsonl   eval/tuned/predictions.jsonl   (one line per item, streamed)
+    eval/metrics.json             per group: accuracy, Wilson and bootstrap 95% CIs, n, unscorable
+    eval/results.md               the same as tables
+    eval/compare.json + .md       tuned vs base, paired per item (when both were scored)
+
+Both models read the prompts `medtune.format` renders for training, so the eval measures the
+decision the model was trained on, not a second template.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from medtune.config import RunConfig
+from medtune.data.schema import Record
+from medtune.errors import RunDirError
+from medtune.evaluate.compare import run_compare
+from medtune.evaluate.score import build_items, score_items
+from medtune.evaluate.stats import accuracy_table
+from medtune.manifest import write_json_atomic
+from medtune.progress import progress_bar
+
+
+def load_eval_records(prepare_dir: Path, max_items: int | None) -> tuple[list[Record], dict[str, int]]:
+    """MCQA eval records (at most `max_items` per source, in file order) and what was left out, why."""
+    from medtune.data.prepare import read_prepared
+
+    kept: list[Record] = []
+    per_source: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    for record in read_prepared(prepare_dir, "eval"):
+        if record["kind"] != "mcqa":
+            skipped["not_mcqa"] += 1
+        elif max_items is not None and per_source[record["source"]] >= max_items:
+            skipped["over_max_items"] += 1
+        else:
+            per_source[record["source"]] += 1
+            kept.append(record)
+    if not kept:
+        raise RunDirError(f"{prepare_dir}/eval.jsonl: no multiple-choice eval items; add data.eval sources")
+    return kept, dict(skipped)
+
+
+def load_fewshot_pool(cfg: RunConfig, prepare_dir: Path) -> list[Record]:
+    """Few-shot examples from the prepared train split (never eval), or nothing at k_shot = 0."""
+    from medtune.data.prepare import read_prepared
+
+    if cfg.eval.k_shot == 0:
+        return []
+    return [r for r in read_prepared(prepare_dir, cfg.eval.fewshot_split) if r["kind"] == "mcqa"]
+
+
+def group_keys(cfg: RunConfig) -> list[str]:
+    return [*cfg.eval.group_by, *(["tag"] if cfg.eval.group_by_tags else [])]
+
+
+def score_model(
+    cfg: RunConfig,
+    records: list[Record],
+    pool: list[Record],
+    adapter_dir: Path | None,
+    out_dir: Path,
+    label: str,
+) -> dict[str, Any]:
+    """Load one model, score every record into out_dir/predictions.jsonl, return its accuracy table."""
+    from medtune.model.load import load_model_for_inference
+
+    model, tokenizer = load_model_for_inference(cfg, adapter_dir)
+    items = build_items(records, tokenizer, cfg.packing, cfg.eval.k_shot, pool, cfg.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with progress_bar(f"eval {label} ({cfg.eval.mode})", total=len(items)) as advance:
+
+        def advance_by(n: int) -> None:
+            for _ in range(n):
+                advance()
+
+        results = score_items(
+            model,
+            tokenizer,
+            items,
+            cfg.eval.mode,
+            cfg.eval.batch_size,
+            out_dir / "predictions.jsonl",
+            cfg.eval.max_new_tokens,
+            progress=advance_by,
+        )
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return accuracy_table(results, group_keys(cfg), cfg.eval.bootstrap_samples, cfg.seed)
+
+
+def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir: Path) -> dict[str, Any]:
+    """Score base (if `eval.eval_base` or no adapter) and tuned models; write metrics, results, compare."""
+    out_dir = Path(out_dir)
+    records, skipped = load_eval_records(Path(prepare_dir), cfg.eval.max_items)
+    pool = load_fewshot_pool(cfg, Path(prepare_dir))
+    adapter = None
+    if train_dir is not None:
+        adapter = Path(train_dir) / "adapter"
+        if not (adapter / "adapter_config.json").is_file():
+            raise RunDirError(
+                f"{adapter}: no trained adapter here; run `medtune train` first (or use --base-only)"
+            )
+    metrics: dict[str, Any] = {
+        "mode": cfg.eval.mode,
+        "k_shot": cfg.eval.k_shot,
+        "n_items": len(records),
+        "skipped": skipped,
+        "models": {},
+    }
+    if cfg.eval.eval_base or adapter is None:
+        metrics["models"]["base"] = score_model(cfg, records, pool, None, out_dir / "base", "base")
+    if adapter is not None:
+        metrics["models"]["tuned"] = score_model(cfg, records, pool, adapter, out_dir / "tuned", "tuned")
+    if {"base", "tuned"} <= metrics["models"].keys():
+        compared = run_compare(
+            out_dir / "base" / "predictions.jsonl",
+            out_dir / "tuned" / "predictions.jsonl",
+            None,
+            out_dir,
+            cfg.eval.bootstrap_samples,
+            cfg.seed,
+        )
+        metrics["compare"] = {
+            g: {k: v[k] for k in ("delta_pp", "ci95_pp", "mcnemar_p", "significant")}
+            for g, v in compared["groups"].items()
+        }
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    (out_dir / "results.md").write_text(results_markdown(metrics), encoding="utf-8")
+    console = Console()
+    for label, table in metrics["models"].items():
+        console.print(results_rich_table(label, table))
+    return {label: t["groups"]["all"] for label, t in metrics["models"].items()} | {"n_items": len(records)}
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _row(name: str, g: dict[str, Any]) -> list[str]:
+    (wl, wh), (bl, bh) = g["wilson_95"], g["bootstrap_95"]
+    return [
+        name,
+        str(g["n"]),
+        _pct(g["accuracy"]),
+        f"[{_pct(wl)}, {_pct(wh)}]",
+        f"[{_pct(bl)}, {_pct(bh)}]",
+        str(g["unscorable"]),
+        str(g["unanswered"]),
+    ]
+
+
+_HEADER = ["group", "n", "acc %", "Wilson 95%", "bootstrap 95%", "unscorable", "unanswered"]
+
+
+def results_markdown(metrics: dict[str, Any]) -> str:
+    """results.md: one table per model, then the macro averages and the comparison verdicts."""
+    lines = [f"# Evaluation ({metrics['mode']}, {metrics['k_shot']}-shot, {metrics['n_items']} items)", ""]
+    if metrics["skipped"]:
+        lines += [f"Left out: {', '.join(f'{k}: {v}' for k, v in metrics['skipped'].items())}", ""]
+    for label, table in metrics["models"].items():
+        lines += [f"## {label}", "", "| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
+        lines += ["| " + " | ".join(_row(name, g)) + " |" for name, g in table["groups"].items()]
+        macro = ", ".join(f"{k}: {_pct(v)}" for k, v in table["macro"].items())
+        lines += ["", f"Macro averages: {macro}", ""]
+    if "compare" in metrics:
+        lines += [
+            "## tuned vs base",
+            "",
+            "See compare.md for the paired table (McNemar, paired bootstrap).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def results_rich_table(label: str, table: dict[str, Any]) -> Table:
+    """One model's per-group accuracies with both intervals, for the terminal."""
+    out = Table(title=f"{label}: accuracy by group")
+    for col in _HEADER:
+        out.add_column(col, justify="left" if col == "group" else "right")
+    for name, g in table["groups"].items():
+        out.add_row(*_row(name, g))
+    return out

@@ -1,0 +1,92 @@
+"""Contamination: copied eval stems are caught, shared vignette boilerplate is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medtune.config import ContaminationConfig, SourceConfig
+from medtune.data.contamination import ContaminationIndex
+from medtune.data.read import iter_source
+from medtune.data.validate import build_record
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared real data not found at {SHARED}")
+
+
+def rec(source: str, i: int, question: str, options: list[str] | None = None) -> dict:
+    return build_record(
+        source=source,
+        split="x",
+        row_id=str(i),
+        provenance={"file": "f", "line": i},
+        question=question,
+        options=options or ["a", "b", "c", "d"],
+        answer="A",
+    )
+
+
+EVAL_STEM = (
+    "A 21-year-old sexually active male complains of fever, pain during urination, and inflammation "
+    "and pain in the right knee. A culture of the joint fluid shows a bacteria that does not ferment maltose."
+)
+
+
+def index(*evals: dict) -> ContaminationIndex:
+    idx = ContaminationIndex(ContaminationConfig())
+    for e in evals:
+        idx.add_eval(e)
+    return idx
+
+
+def test_copied_stem_is_caught_even_inside_longer_text():
+    idx = index(rec("medqa", 1, EVAL_STEM))
+    assert idx.check(rec("train", 1, "Case study. " + EVAL_STEM + " What next?", ["w", "x", "y", "z"])) == [
+        "medqa:x:1"
+    ]
+    assert idx.report()["medqa"] == {
+        "eval_items": 1,
+        "train_records_overlapping": 1,
+        "eval_items_overlapped": 1,
+    }
+
+
+def test_shared_boilerplate_is_not_contamination():
+    idx = index(
+        rec(
+            "medqa",
+            1,
+            "A 36-year-old woman comes to the physician because of a 2-month history of "
+            "progressively worsening lower back pain and weakness in the lower extremities.",
+        )
+    )
+    other = (
+        "A 73-year-old woman comes to the physician because of a 2-month history of diffuse weakness and "
+        "tingling of her arms and legs; neurologic examination shows weakness of the extensor muscles."
+    )
+    assert idx.check(rec("train", 1, other)) == []
+
+
+def test_short_korean_stems_use_characters_and_short_ones_need_their_options():
+    long_ko = (
+        "65세 여자가 혀의 통증으로 내원하였다. 혈액검사 결과 혈색소 수치가 10.5 g/dL이고 "
+        "평균적혈구용적이 증가하였다. 원인은?"
+    )
+    short = "의사가 될 수 있는 사람은?"
+    idx = index(rec("kmq", 1, long_ko), rec("kmq", 2, short, ["가", "나", "다", "라"]))
+    assert idx.check(rec("train", 1, long_ko.replace("원인은?", "가능성이 높은 원인은?"))) == ["kmq:x:1"]
+    assert idx.check(rec("train", 2, short, ["라", "다", "나", "가"])) == ["kmq:x:2"]  # same item, shuffled
+    assert idx.check(rec("train", 3, short, ["마", "바", "사", "아"])) == []  # same stem, other options
+
+
+@needs_shared
+def test_real_generic_stem_is_not_contamination_but_a_copied_item_is():
+    # SOURCE.md: one MMLU question text, "Which of the following is true?", also opens a MedMCQA item;
+    # the options differ, so it is a different question and must not be reported.
+    mmlu = list(iter_source(SourceConfig(path=SHARED / "mmlu_medical"), "eval"))
+    idx = index(*mmlu)
+    hits = [r["id"] for r in iter_source(SourceConfig(path=SHARED / "medmcqa"), "train") if idx.check(r)]
+    assert hits == []
+    copied = dict(mmlu[500], source="train", id="train:x:1")
+    assert mmlu[500]["id"] in idx.check(copied)  # (plus its twin, when it is one of the 78 shared rows)
