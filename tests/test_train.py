@@ -281,3 +281,17 @@ def test_fsdp2_two_ranks_match_a_single_process(tmp_path: Path, tiny_llama_dir: 
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x["step"], x["loss"], y["loss"])
     assert a[-1]["loss"] < a[0]["loss"]
     assert_same_adapter(adapter(tmp_path / "single" / "run"), adapter(tmp_path / "fsdp" / "run"), atol=1e-4)
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from medtune.errors import MedtuneError
+
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    cfg_path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 1, "tensorboard": True})
+    with pytest.raises(MedtuneError, match="pip install tensorboard"):
+        train_in_process(cfg_path)

@@ -99,6 +99,7 @@ def _train(
     elif info.is_main:
         _start_fresh(out_dir, ckpt_root, metrics_path)
 
+    metrics_sinks = _metric_sinks(cfg, out_dir, metrics_path, info)
     stop = _StopFlag()
     stats = packing_stats(plan0, lengths, cfg.packing)
     if info.is_main:
@@ -109,13 +110,15 @@ def _train(
         )
 
     module.train()  # before the first forward: bitsandbytes repacks 4-bit weights in eval mode on some CPUs
-    plans: dict[int, list[list[int]]] = {0: plan0}
+    plan_epoch, plan = 0, plan0
     bad_in_a_row = 0
+    stopping = False
     last_loss = float("nan")
     with progress_bar("train", total_steps, enabled=info.is_main, completed=pos.step) as advance:
-        while pos.step < total_steps and not stop.requested:
+        while pos.step < total_steps and not stopping:
             epoch, step_in_epoch = divmod(pos.step, steps_per_epoch)
-            plan = plans.setdefault(epoch, build_rows(lengths, cfg.packing, cfg.seed, epoch))
+            if epoch != plan_epoch:  # each epoch reshuffles its rows, deterministically
+                plan_epoch, plan = epoch, build_rows(lengths, cfg.packing, cfg.seed, epoch)
             window = plan[step_in_epoch * rows_per_step : (step_in_epoch + 1) * rows_per_step]
             started = time.perf_counter()
             loss, n_targets, real, slots, grad_norm = _optimizer_step(
@@ -137,8 +140,7 @@ def _train(
             pos.step += 1
             elapsed = time.perf_counter() - started
             if info.is_main and pos.step % cfg.train.log_every == 0:
-                _log_metrics(
-                    metrics_path,
+                metrics_sinks(
                     {
                         "step": pos.step,
                         "epoch": epoch,
@@ -157,11 +159,12 @@ def _train(
                 )
             advance(f"loss {loss:.4f}")
             save_due = cfg.train.save_every and pos.step % cfg.train.save_every == 0
-            if save_due or stop.requested:
+            stopping = stop.agreed(info)
+            if save_due or stopping:
                 _save(cfg, ckpt_root, pos, module, optimizer, scheduler, info)
     stop.restore()
 
-    if stop.requested:
+    if stopping:
         if info.is_main:
             print(f"train: stopped by signal after step {pos.step}; resume with --resume")
         return {"stopped_at_step": pos.step, "total_steps": total_steps}
@@ -353,9 +356,29 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _log_metrics(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+def _metric_sinks(cfg: RunConfig, out_dir: Path, metrics_path: Path, info: DistInfo) -> Any:
+    """Where each step's metrics go: always `metrics.jsonl`, plus TensorBoard when asked for."""
+    writer = None
+    if cfg.train.tensorboard and info.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise MedtuneError(
+                "train.tensorboard: the `tensorboard` package is not installed "
+                "(pip install tensorboard), or set it to false"
+            ) from None
+        writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def log(row: dict[str, Any]) -> None:
+        with metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for key, value in row.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    writer.add_scalar(f"train/{key}", value, row["step"])
+            writer.flush()
+
+    return log
 
 
 def _peak_memory(info: DistInfo) -> int:
@@ -386,6 +409,13 @@ class _StopFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def agreed(self, info: DistInfo) -> bool:
+        """True once any rank was signalled: ranks must stop at the same step or collectives hang."""
+        if info.distributed:
+            flag = all_reduce_sum(torch.tensor([float(self.requested)]), info)
+            self.requested = bool(flag.item() > 0)
+        return self.requested
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
