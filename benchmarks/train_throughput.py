@@ -1,0 +1,512 @@
+"""Is medtune's training loop faster than TRL's SFTTrainer on the same job? Tokens/s and peak RSS.
+
+Both sides train the same model on the same text with the same settings, one after the other in
+this run, each in a fresh subprocess so its peak RSS (`ru_maxrss`) is its own:
+
+  QLoRA NF4 (double quant), LoRA r=16 alpha=32 dropout 0.05 on all linear layers, best-fit-decreasing
+  packing into 512-token rows, micro-batch 4 rows, grad accum 1, gradient checkpointing (non-reentrant),
+  fp32 compute on CPU, AdamW lr 2e-4 cosine, no warm-up, max grad norm 1.0, nothing saved while timing.
+
+Data: the quick-start's prepared training set (`medtune prepare examples/quickstart.yaml` with the
+chosen model), rendered for TRL with medtune's own `render_prompt` / `render_target` + end-of-turn
+text as a prompt/completion dataset, so both sides learn the same completion tokens.
+
+Throughput counts real (non-padding) tokens over the steps after the first `--warmup` ones:
+  medtune: `real_tokens` / `step_seconds` from metrics.jsonl (a step includes collation);
+  TRL: a callback timing on_step_begin -> on_step_end (the batch is collated before on_step_begin,
+       so TRL's timing leaves collation out) and a wrapped data collator counting each batch's
+       tokens (TRL's bfd packing is padding-free: one flattened row, no pad tokens).
+medtune's final checkpoint + adapter save happens after its timed steps and is not timed.
+
+    python benchmarks/train_throughput.py [--model DIR] [--steps 8] [--warmup 2] [--profile]
+
+`--profile` adds torch.profiler over one steady-state step on each side (slower; timings then
+include profiler overhead) and writes the top operators by self CPU time into the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "examples" / "quickstart.yaml"
+RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+DEFAULT_MODEL = REPO / "models" / "gemma3-270m"
+PROFILE_TOP = 20
+
+SETTINGS = {
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "max_seq_len": 512,
+    "micro_batch_size": 4,
+    "grad_accum": 1,
+    "lr": 2e-4,
+    "seed": 0,
+}
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def profile_table(prof: Any) -> list[dict[str, Any]]:
+    """The top operators of a torch.profiler run by self CPU time."""
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1000, 1),
+            "share": round(e.self_cpu_time_total / total, 4),
+            "calls": e.count,
+        }
+        for e in events[:PROFILE_TOP]
+    ]
+
+
+def medtune_config(model_dir: Path, out_dir: Path, steps: int):
+    from medtune.config import load_config
+
+    s = SETTINGS
+    return load_config(
+        QUICKSTART,
+        {
+            "seed": s["seed"],
+            "model.path": str(model_dir),
+            "output.dir": str(out_dir),
+            "quantization.mode": "nf4",
+            "quantization.double_quant": True,
+            "lora.r": s["lora_r"],
+            "lora.alpha": s["lora_alpha"],
+            "lora.dropout": s["lora_dropout"],
+            "lora.target_modules": "all-linear",
+            "packing.mode": "packed",
+            "packing.max_seq_len": s["max_seq_len"],
+            "train.max_steps": steps,
+            "train.micro_batch_size": s["micro_batch_size"],
+            "train.grad_accum": s["grad_accum"],
+            "train.lr": s["lr"],
+            "train.warmup_steps": 0,
+            "train.scheduler": "cosine",
+            "train.gradient_checkpointing": True,
+            "train.save_every": None,
+            "train.log_every": 1,
+        },
+    )
+
+
+def child_medtune(model_dir: Path, prepared: Path, work: Path, steps: int, profile_step: int | None) -> dict:
+    import medtune.train as train_mod
+    from medtune.train import run_train
+
+    cfg = medtune_config(model_dir, work, steps)
+    profiled: list[Any] = []
+    if profile_step is not None:  # wrap one optimiser step in torch.profiler, the rest untouched
+        import torch.profiler as tp
+
+        original, calls = train_mod._optimizer_step, [0]
+
+        def wrapped(*args: Any, **kwargs: Any):
+            calls[0] += 1
+            if calls[0] != profile_step:
+                return original(*args, **kwargs)
+            with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
+                out = original(*args, **kwargs)
+            profiled.append(prof)
+            return out
+
+        train_mod._optimizer_step = wrapped
+    started = time.perf_counter()
+    summary = run_train(cfg, prepared, work / "train")
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines() if line]
+    return {
+        "step_seconds": [r["step_seconds"] for r in rows],
+        "real_tokens": [r["real_tokens"] for r in rows],
+        "target_tokens": [r["target_tokens"] for r in rows],
+        "losses": [r["loss"] for r in rows],
+        "packing_efficiency": summary["packing"]["efficiency"],
+        "rows_per_epoch": summary["rows_per_epoch"],
+        "wall_seconds_incl_load_and_save": wall,
+        "profile": profile_table(profiled[0]) if profiled else None,
+    }
+
+
+def trl_dataset(model_dir: Path, prepared: Path):
+    """medtune's prompt/target text for each prepared record, as TRL's prompt/completion dataset."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from medtune.config import PackingConfig
+    from medtune.data.prepare import read_prepared
+    from medtune.format import end_of_turn_text, render_prompt, render_target
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    cfg = PackingConfig(mode="packed", max_seq_len=SETTINGS["max_seq_len"])
+    end = end_of_turn_text(tokenizer, cfg)
+    rows = [
+        {"prompt": render_prompt(r, tokenizer, cfg), "completion": render_target(r, cfg, tokenizer) + end}
+        for r in read_prepared(prepared, "train")
+    ]
+    return Dataset.from_list(rows), tokenizer
+
+
+def child_trl(model_dir: Path, prepared: Path, work: Path, steps: int, profile_step: int | None) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    s = SETTINGS
+    dataset, tokenizer = trl_dataset(model_dir, prepared)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        dtype=torch.float32,
+        attn_implementation="sdpa",
+        device_map={"": "cpu"},
+        local_files_only=True,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        ),
+    )
+    args = SFTConfig(
+        output_dir=str(work / "trl"),
+        max_steps=steps,
+        per_device_train_batch_size=s["micro_batch_size"],
+        gradient_accumulation_steps=s["grad_accum"],
+        learning_rate=s["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        packing=True,
+        packing_strategy="bfd",
+        max_length=s["max_seq_len"],
+        completion_only_loss=True,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        seed=s["seed"],
+        dataloader_num_workers=0,
+    )
+    peft_config = LoraConfig(
+        r=s["lora_r"],
+        lora_alpha=s["lora_alpha"],
+        lora_dropout=s["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+
+    batch_tokens: list[tuple[int, int]] = []  # FIFO: the loader may collate a batch ahead of its step
+    collate = trainer.data_collator
+
+    def counting_collator(features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate(features)
+        if "attention_mask" in batch:
+            real = int(batch["attention_mask"].sum())
+        else:  # padding-free: every position is a real token
+            real = int(batch["input_ids"].numel())
+        batch_tokens.append((real, int((batch["labels"] != -100).sum())))
+        return batch
+
+    trainer.data_collator = counting_collator
+    timer = _trl_timer(TrainerCallback, batch_tokens, profile_step)
+    trainer.add_callback(timer)
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    return {
+        "step_seconds": timer.seconds,
+        "real_tokens": timer.real,
+        "target_tokens": timer.targets,
+        "losses": timer.losses,
+        "trainable_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
+        "packed_rows": len(trainer.train_dataset),
+        "wall_seconds_incl_load_and_save": wall,
+        "profile": profile_table(timer.profiled[0]) if timer.profiled else None,
+    }
+
+
+def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: int | None):
+    import torch.profiler as tp
+
+    class StepTimer(base):
+        """Times each optimiser step and pairs it with the tokens of the batch it consumed."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.real: list[int] = []
+            self.targets: list[int] = []
+            self.losses: list[float] = []
+            self.profiled: list[Any] = []
+            self._prof: Any = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile_step is not None and state.global_step + 1 == profile_step:
+                self._prof = tp.profile(activities=[tp.ProfilerActivity.CPU])
+                self._prof.__enter__()
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._start)
+            if self._prof is not None:
+                self._prof.__exit__(None, None, None)
+                self.profiled.append(self._prof)
+                self._prof = None
+            real, targets = batch_tokens.pop(0)
+            self.real.append(real)
+            self.targets.append(targets)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
+def run_child(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("side", choices=["medtune", "trl"])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--prepared", type=Path, required=True)
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--profile-step", type=int, default=None)
+    args = parser.parse_args(argv)
+    from medtune.offline import enforce_offline
+
+    enforce_offline()
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    run = child_medtune if args.side == "medtune" else child_trl
+    result = run(args.model, args.prepared, args.work, args.steps, args.profile_step)
+    import torch
+
+    result["torch_threads"] = torch.get_num_threads()
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    print(f"{args.side}: peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    (args.work / f"{args.side}.json").write_text(json.dumps(result, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------- parent
+
+
+def steady_state(runs: list[dict], warmup: int) -> dict:
+    """Tokens/s over the steps after the first `warmup` of each run (sum of tokens / sum of seconds),
+    and the best single step's tokens/s (the least disturbed by other load on a shared machine)."""
+    secs = [x for r in runs for x in r["step_seconds"][warmup:]]
+    real = [x for r in runs for x in r["real_tokens"][warmup:]]
+    if not secs:
+        raise SystemExit(f"--steps must exceed --warmup ({warmup}) to leave steps to time")
+    return {
+        "runs": len(runs),
+        "timed_steps": len(secs),
+        "real_tokens_timed": sum(real),
+        "seconds_timed": sum(secs),
+        "tokens_per_s": sum(real) / sum(secs),
+        "best_step_tokens_per_s": max(n / t for n, t in zip(real, secs, strict=True)),
+        "mean_step_s": sum(secs) / len(secs),
+        "first_loss": runs[0]["losses"][0] if runs[0]["losses"] else None,
+        "final_loss": runs[0]["losses"][-1] if runs[0]["losses"] else None,
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+    }
+
+
+def prepare_data(model_dir: Path, out: Path) -> Path:
+    """`medtune prepare` of the quick-start sources with this model, into `out/prepare`."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "medtune.cli",
+        "prepare",
+        str(QUICKSTART),
+        "-s",
+        f"model.path={model_dir}",
+        "-s",
+        f"output.dir={out}",
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return out / "prepare"
+
+
+def default_model(tmp: Path) -> tuple[Path, str]:
+    if (DEFAULT_MODEL / "config.json").is_file():
+        return DEFAULT_MODEL, "gemma3-270m"
+    from medtune.model.tiny import build_tiny_model
+
+    path = build_tiny_model(
+        tmp / "tiny-llama",
+        "llama",
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
+    return path, "random tiny llama (models/gemma3-270m absent)"
+
+
+def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def print_table(sides: dict[str, dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="training throughput, steady state (real tokens)")
+    columns = (
+        "side",
+        "runs",
+        "timed steps",
+        "tokens",
+        "seconds",
+        "tokens/s",
+        "best step tok/s",
+        "s/step",
+        "peak RSS GB",
+        "loss 1st->last (run 1)",
+    )
+    for col in columns:
+        table.add_column(col)
+    for name, s in sides.items():
+        table.add_row(
+            name,
+            str(s["runs"]),
+            str(s["timed_steps"]),
+            str(s["real_tokens_timed"]),
+            f"{s['seconds_timed']:.1f}",
+            f"{s['tokens_per_s']:.1f}",
+            f"{s['best_step_tokens_per_s']:.1f}",
+            f"{s['mean_step_s']:.1f}",
+            f"{s['peak_rss_bytes'] / 1e9:.2f}",
+            f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}",
+        )
+    Console(width=140).print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=None, help="model dir (default models/gemma3-270m)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler over one steady step per side")
+    parser.add_argument(
+        "--order",
+        default="medtune,trl",
+        help="which sides run, in order (comma-separated), or 'abba' = medtune,trl,trl,medtune to even out "
+        "load drift on a shared machine",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    load_start = os.getloadavg()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp_name:
+        tmp = Path(tmp_name)
+        if args.model is None:
+            model_dir, model_name = default_model(tmp)
+        else:
+            model_dir, model_name = args.model.resolve(), args.model.name
+        prepared = prepare_data(model_dir, tmp / "run")
+        raw: list[dict] = []
+        order = ["medtune", "trl", "trl", "medtune"] if args.order == "abba" else args.order.split(",")
+        for i, side in enumerate(order):
+            work = tmp / f"{i}-{side}"
+            work.mkdir()
+            cmd = [sys.executable, __file__, "--child", side, "--model", str(model_dir)]
+            cmd += ["--prepared", str(prepared), "--work", str(work), "--steps", str(args.steps)]
+            if args.profile:
+                cmd += ["--profile-step", str(args.warmup + 1)]
+            side_start, load_before = time.perf_counter(), os.getloadavg()
+            print(f"running {side} ({args.steps} steps) ...", flush=True)
+            subprocess.run(cmd, check=True)
+            result = json.loads((work / f"{side}.json").read_text())
+            result.update(
+                side=side,
+                child_wall_seconds=time.perf_counter() - side_start,
+                loadavg_before=load_before,
+                loadavg_after=os.getloadavg(),
+            )
+            raw.append(result)
+    sides = {
+        name: steady_state([r for r in raw if r["side"] == name], args.warmup) for name in ("medtune", "trl")
+    }
+    ratio = sides["medtune"]["tokens_per_s"] / sides["trl"]["tokens_per_s"]
+    best_ratio = sides["medtune"]["best_step_tokens_per_s"] / sides["trl"]["best_step_tokens_per_s"]
+    rss_ratio = sides["medtune"]["peak_rss_bytes"] / sides["trl"]["peak_rss_bytes"]
+    load_end = os.getloadavg()
+    print_table(sides)
+    verdict = "meets" if ratio >= 1.2 and rss_ratio <= 1.0 else "misses"
+    print(
+        f"medtune / TRL tokens/s: {ratio:.2f}x (best step vs best step {best_ratio:.2f}x); "
+        f"peak RSS ratio {rss_ratio:.2f} ({verdict} the target of "
+        f">= 1.2x with no higher RSS)"
+    )
+    machine = cpu_name()
+    loads = " ".join(f"{x:.2f}" for x in load_start), " ".join(f"{x:.2f}" for x in load_end)
+    print(
+        f"machine: {machine}; model {model_name}; load average (1/5/15 min) at start {loads[0]}, "
+        f"at end {loads[1]}; wall {time.perf_counter() - started:.0f} s"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "model": model_name,
+                "settings": {**SETTINGS, "steps": args.steps, "warmup_steps_excluded": args.warmup},
+                "loadavg_start": load_start,
+                "loadavg_end": load_end,
+                "wall_seconds": time.perf_counter() - started,
+                "order": order,
+                "medtune_over_trl_tokens_per_s": ratio,
+                "medtune_over_trl_best_step_tokens_per_s": best_ratio,
+                "medtune_over_trl_peak_rss": rss_ratio,
+                "summary": sides,
+                "raw": raw,
+                "profiled": args.profile,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        run_child(sys.argv[2:])
+    else:
+        main()
