@@ -421,3 +421,24 @@ def test_fsdp2_sharded_peft_model_matches_unsharded(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("FSDP2-OK") == 2
+
+
+def test_training_loss_refuses_a_packed_batch_that_would_leak(tiny_llama_dir) -> None:
+    """The isolation guard sits in the forward every training step takes: positions that do not
+    restart per document (documents would be one long sequence) raise instead of training."""
+    from transformers import AutoTokenizer
+
+    from medtune.config import PackingConfig
+    from medtune.packing import PackingIsolationError, collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    examples = [
+        {"input_ids": tok(t).input_ids, "labels": tok(t).input_ids[1:] + [-100]}
+        for t in ("고혈압 환자의 치료", "Which drug is first-line?")
+    ]
+    batch = collate(examples, [[0, 1]], PackingConfig(mode="packed", max_seq_len=64))
+    loss_sum(model, batch, TrainConfig(chunked_ce="off"))  # isolated: fine
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
+    with pytest.raises(PackingIsolationError, match="position_ids"):
+        loss_sum(model, batch, TrainConfig(chunked_ce="off"))

@@ -37,6 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medtune.config import TrainConfig
 from medtune.errors import MedtuneError, ModelError
+from medtune.packing import assert_isolated_forward
 
 IGNORE_INDEX = -100
 AUTO_CHUNK_MIN_VOCAB = 32_000
@@ -142,6 +143,8 @@ def _forward(
     # documents (from position_ids restarting at 0) only when no mask and no cache are passed.
     if batch.get("attention_mask") is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
+    if "seq_lens" in batch:  # every batch `packing.collate` builds, so every training step
+        assert_isolated_forward(causal_lm, batch, kwargs)
     if keep_logits:
         return model(**kwargs).logits
     captured: list[torch.Tensor] = []
