@@ -75,7 +75,7 @@ def _train(
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     tokenizer = load_tokenizer(cfg.model)
-    examples = _tokenized_examples(cfg, prepare_dir, tokenizer)
+    examples, without_target = _tokenized_examples(cfg, prepare_dir, tokenizer)
     lengths = [len(e["input_ids"]) for e in examples]
 
     model = load_model_for_training(cfg, fsdp=info.distributed, device=info.device)
@@ -104,7 +104,8 @@ def _train(
     stats = packing_stats(plan0, lengths, cfg.packing)
     if info.is_main:
         print(
-            f"train: {len(examples)} examples -> {len(plan0)} rows/epoch "
+            f"train: {len(examples)} examples ({without_target} left out: no target token) "
+            f"-> {len(plan0)} rows/epoch "
             f"(packing efficiency {stats['efficiency']:.1%}), {steps_per_epoch} steps/epoch, "
             f"{total_steps} steps, world size {info.world_size}"
         )
@@ -174,6 +175,7 @@ def _train(
         "steps": pos.step,
         "final_loss": last_loss,
         "examples": len(examples),
+        "examples_without_target": without_target,
         "rows_per_epoch": len(plan0),
         "packing": stats,
         "world_size": info.world_size,
@@ -239,15 +241,19 @@ def _optimizer_step(
     return loss, total_targets, int(counts[0]), int(counts[1]), grad_norm
 
 
-def _tokenized_examples(cfg: RunConfig, prepare_dir: Path, tokenizer: Any) -> list[dict[str, list[int]]]:
+def _tokenized_examples(
+    cfg: RunConfig, prepare_dir: Path, tokenizer: Any
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Tokenised training examples, and how many were left out because they have no target token
+    (e.g. an empty response): they would cost compute and teach nothing. The count is reported."""
     train_file = prepare_dir / "train.jsonl"
     if not train_file.is_file():
         raise RunDirError(f"{train_file} not found: run `medtune prepare` first")
-    examples = [tokenize_example(r, tokenizer, cfg.packing) for r in read_prepared(prepare_dir, "train")]
-    examples = [e for e in examples if any(label != -100 for label in e["labels"])]
+    tokenized = [tokenize_example(r, tokenizer, cfg.packing) for r in read_prepared(prepare_dir, "train")]
+    examples = [e for e in tokenized if any(label != -100 for label in e["labels"])]
     if not examples:
         raise RunDirError(f"{train_file} holds no training examples with a target to learn")
-    return examples
+    return examples, len(tokenized) - len(examples)
 
 
 def _optimizer(cfg: RunConfig, params: list[nn.Parameter], info: DistInfo) -> torch.optim.Optimizer:
