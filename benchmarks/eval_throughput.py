@@ -1,6 +1,7 @@
 """Questions per second: medtune's scorer vs lm-evaluation-harness on the same model and items.
 
-Two comparisons, measured in one process, one after the other, on the same CPU threads:
+Two comparisons, measured in one process on the same CPU threads, the systems taking turns in each
+of `--repeats` rounds (best time kept), after a short warm-up of both:
 
   (i)  same formulation on both sides: medtune letter mode (one forward per question, next-token
        log-probs of " A".." E") vs lm-eval `loglikelihood` of the continuations " A".." E"
@@ -15,8 +16,11 @@ CPU mean little, so the ratios are what to read. Both sides use the same batch s
 
 Where (i)'s gain comes from: both sides run one forward per question, but lm-eval computes and
 log-softmaxes logits at every position ([B, T, vocab]) while medtune asks for the last position
-only (`logits_to_keep`). The gain therefore grows with the vocabulary: `--vocab` pads the model's
-vocabulary (the tiny tokenizer has 4096 tokens; real small models have 32k-262k) to show it.
+only (`logits_to_keep`), and runs the final decoder layer's MLP and attention output projection on
+that position only (`score.final_layer_on_last_positions`). The lm_head part of the gain grows with
+the vocabulary: `--vocab` pads the model's vocabulary (the tiny tokenizer has 4096 tokens; real small
+models have 32k-262k) to show it; the final-layer part is about 1/(number of layers) of the
+per-layer work, so it shrinks on deep models.
 
     python benchmarks/eval_throughput.py [--items 100] [--batch-size 8] [--repeats 2] [--vocab 4096]
 """
@@ -30,6 +34,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,14 +66,20 @@ def load_records(n: int) -> list[dict]:
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Best wall time of `repeats` runs (the least disturbed by other load on a shared machine)."""
-    best, result = float("inf"), None
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, object]]:
+    """Best wall time (and last result) of each function over `repeats` rounds.
+
+    The functions take turns within each round, so a burst of other load on a shared machine hits
+    both sides of a ratio alike instead of whichever happened to run during it; the best time is
+    the run least disturbed.
+    """
+    out: dict[str, tuple[float, object]] = {name: (float("inf"), None) for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            result = fn()
+            out[name] = (min(out[name][0], time.perf_counter() - t0), result)
+    return out
 
 
 def main() -> int:
@@ -112,13 +123,20 @@ def main() -> int:
 
     letter_pairs = [(it["prompt"], t) for it in items for t in it["targets"]]
     option_pairs = [p for it in items for p in S.option_pairs(it)]
-    S.score_items(model, tokenizer, items[:8], "letter", args.batch_size)  # warm-up (allocator, kernels)
-    t_ours, ours = timed(
-        lambda: S.score_items(model, tokenizer, items, "letter", args.batch_size), args.repeats
+    # warm-up of both sides (allocator, kernels) on the first few questions
+    S.score_items(model, tokenizer, items[:8], "letter", args.batch_size)
+    harness(letter_pairs[: sum(len(it["targets"]) for it in items[:8])])()
+    times = timed(
+        {
+            "ours": lambda: S.score_items(model, tokenizer, items, "letter", args.batch_size),
+            "letters": harness(letter_pairs),
+            "options": harness(option_pairs),
+        },
+        args.repeats,
     )
-    t_letters, theirs = timed(harness(letter_pairs), args.repeats)
-    t_options, _ = timed(harness(option_pairs), args.repeats)
-    t_ours_ll, _ = timed(lambda: S.score_items(model, tokenizer, items, "loglik", args.batch_size), 1)
+    (t_ours, ours), (t_letters, theirs), (t_options, _) = times["ours"], times["letters"], times["options"]
+    ours_loglik = {"ll": lambda: S.score_items(model, tokenizer, items, "loglik", args.batch_size)}
+    t_ours_ll = timed(ours_loglik, 1)["ll"][0]
 
     # same formulation -> same decisions: check the predicted letters agree with lm-eval's
     preds_theirs, start = [], 0

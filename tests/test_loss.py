@@ -14,7 +14,14 @@ from transformers import AutoModelForCausalLM, Gemma2Config
 
 from medtune.config import TrainConfig
 from medtune.errors import MedtuneError
-from medtune.loss import IGNORE_INDEX, chunked_ce_sum, fused_ce_available, loss_sum, resolve_ce_mode
+from medtune.loss import (
+    IGNORE_INDEX,
+    chunked_ce_sum,
+    fused_ce_available,
+    loss_sum,
+    resolve_ce_mode,
+    token_nll,
+)
 from medtune.offload import OffloadActivations, apply_activation_checkpointing
 
 ATOL = 1e-5
@@ -141,6 +148,24 @@ def test_chunked_equals_plain_loss_and_lora_grads(base_model: torch.nn.Module, k
     assert sum(1 for k in g_plain if "lora_A" in k) == sum(1 for k in g_plain if "lora_B" in k) > 0
     assert all(g.abs().sum() > 0 for g in g_plain.values())
     assert_same_grads(g_chunked, g_plain)
+
+
+@pytest.mark.parametrize("kind", ["packed", "padded"])
+def test_token_nll_equals_per_token_cross_entropy(base_model: torch.nn.Module, kind: str) -> None:
+    """Held-out NLL per token, in label order, equals F.cross_entropy(reduction='none') on full logits."""
+    model = with_lora(base_model)
+    batch = (packed_batch if kind == "packed" else padded_batch)(vocab_of(model))
+    kw = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+    try:
+        with torch.no_grad():
+            logits = model(**kw, use_cache=False).logits.float()
+        got = token_nll(model, batch, chunk_size=3)
+    finally:
+        model.unload()
+    mask = batch["labels"] != IGNORE_INDEX
+    want = F.cross_entropy(logits[mask], batch["labels"][mask], reduction="none")
+    assert got.shape == want.shape and got.numel() % 3 != 0
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_softcap_changes_the_loss() -> None:

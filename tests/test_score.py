@@ -143,6 +143,40 @@ def test_batched_equals_unbatched(request, arch: str, mode: str) -> None:
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_final_layer_on_last_positions_is_exact_and_leaves_no_hooks(request, arch: str, keep: int) -> None:
+    model, _ = request.getfixturevalue(arch)
+    last = model.get_decoder().layers[-1]
+    rows = [list(range(5, 5 + n)) for n in (9, 4, 7)]
+    seen: list[int] = []
+    # a forward hook is given the input as the pre-hooks left it
+    spy = last.mlp.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[1]))
+    try:
+        fast = S.last_logprobs(model, rows, 0, keep)
+    finally:
+        spy.remove()
+    assert seen == [keep]  # the hook really ran: the final MLP saw only the kept positions
+    assert not last.mlp._forward_pre_hooks and not last.mlp._forward_hooks
+    assert not last.self_attn.o_proj._forward_pre_hooks and not last.self_attn.o_proj._forward_hooks
+    for row, got in zip(rows, fast, strict=True):
+        ref = _plain_logprobs(model, row)[-keep:]
+        assert torch.allclose(got.double(), ref, atol=1e-4)
+
+
+def test_length_batches_cover_every_row_once_with_little_padding() -> None:
+    lengths = [100, 99, 98, 97, 96, 95, 94, 60, 59, 300, 10, 10, 10, 10, 10]
+    rows = [[0] * n for n in lengths]
+    batches = list(S._length_batches(rows, 4))
+    assert sorted(i for b in batches for i in b) == list(range(len(rows)))
+    assert all(1 <= len(b) <= 4 for b in batches)
+    for b in batches:
+        width = max(lengths[i] for i in b)
+        assert all(lengths[i] >= 0.95 * width for i in b)
+    # longest first; equal lengths fill whole batches; rows within 5% share a batch
+    assert batches == [[9], [0, 1, 2, 3], [4, 5, 6], [7, 8], [10, 11, 12, 13], [14]]
+
+
 def test_predictions_stream_in_input_order_and_are_deterministic(llama, tmp_path: Path) -> None:
     model, tok = llama
     records = [*RECORDS, make_record(99, answer="F"), make_record(98, answer=None)]

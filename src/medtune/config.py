@@ -199,6 +199,9 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(default=32, ge=1)
     eval_base: bool = True
     """Also score the base model, so the report shows what fine-tuning changed."""
+    nll: bool = False
+    """Also score the held-out NLL of every eval record (MCQA text, instruction responses), per group,
+    and tuned vs base paired per item: it moves where accuracy cannot (`medtune.evaluate.nll`)."""
     bootstrap_samples: int = Field(default=2000, ge=100)
     group_by: list[Literal["language", "source", "subject"]] = Field(
         default_factory=lambda: ["language", "source", "subject"]

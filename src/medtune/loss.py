@@ -71,6 +71,31 @@ def loss_sum(model: nn.Module, batch: Mapping[str, Any], train_cfg: TrainConfig)
     return chunked_ce_sum(selected, targets, lm_head, softcap, train_cfg.ce_chunk_size), num_targets
 
 
+@torch.no_grad()
+def token_nll(model: nn.Module, batch: Mapping[str, Any], chunk_size: int = 256) -> torch.Tensor:
+    """Per-token NLL (fp32) of every target token (labels != -100), in row-major order of `labels`.
+
+    The evaluation twin of `loss_sum`: the same forward (so a packed batch passes the same isolation
+    guard), the same soft-cap and the same pre-shifted labels, so a held-out NLL is measured exactly as
+    the training loss is. Only target positions are projected, `chunk_size` at a time, through the
+    lm_head module itself (any kind: plain, LoRA-wrapped or quantised).
+    """
+    causal_lm = causal_lm_of(model)
+    hidden = _forward(model, causal_lm, batch, keep_logits=False)
+    labels = batch["labels"].to(hidden.device)
+    mask = labels != IGNORE_INDEX
+    selected, targets = hidden[mask], labels[mask]
+    lm_head = causal_lm.get_output_embeddings()
+    softcap = final_logit_softcap(causal_lm)
+    parts = [torch.zeros(0, dtype=torch.float32, device=hidden.device)]
+    for start in range(0, targets.numel(), chunk_size):
+        logits = _upcast(lm_head(selected[start : start + chunk_size]))
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        parts.append(F.cross_entropy(logits, targets[start : start + chunk_size], reduction="none"))
+    return torch.cat(parts)
+
+
 def resolve_ce_mode(mode: str, vocab_size: int) -> str:
     """`auto` becomes `on` for vocabularies of 32k tokens or more, else `off`; other modes pass through."""
     if mode == "auto":

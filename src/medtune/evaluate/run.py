@@ -4,6 +4,8 @@
     eval/metrics.json             per group: accuracy, Wilson and bootstrap 95% CIs, n, unscorable
     eval/results.md               the same as tables
     eval/compare.json + .md       tuned vs base, paired per item (when both were scored)
+    eval/{base,tuned}/nll.jsonl   with `eval.nll`: held-out NLL per eval record (MCQA and instruction);
+                                  metrics.json gains per-group NLL and tuned - base with paired CIs
 
 Both models read the prompts `medtune.format` renders for training, so the eval measures the
 decision the model was trained on, not a second template.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import gc
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from medtune.config import RunConfig
 from medtune.data.schema import Record
 from medtune.errors import RunDirError
 from medtune.evaluate.compare import run_compare
+from medtune.evaluate.nll import compare_nll, nll_table, read_nll, score_nll, write_nll
 from medtune.evaluate.score import build_items, score_items
 from medtune.evaluate.stats import accuracy_table
 from medtune.manifest import write_json_atomic
@@ -32,22 +36,35 @@ from medtune.progress import progress_bar
 
 def load_eval_records(prepare_dir: Path, max_items: int | None) -> tuple[list[Record], dict[str, int]]:
     """MCQA eval records (at most `max_items` per source, in file order) and what was left out, why."""
-    from medtune.data.prepare import read_prepared
-
     kept: list[Record] = []
-    per_source: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
-    for record in read_prepared(prepare_dir, "eval"):
+    for record in _capped_eval_records(prepare_dir, max_items, skipped):
         if record["kind"] != "mcqa":
             skipped["not_mcqa"] += 1
-        elif max_items is not None and per_source[record["source"]] >= max_items:
-            skipped["over_max_items"] += 1
         else:
-            per_source[record["source"]] += 1
             kept.append(record)
     if not kept:
         raise RunDirError(f"{prepare_dir}/eval.jsonl: no multiple-choice eval items; add data.eval sources")
     return kept, dict(skipped)
+
+
+def load_nll_records(prepare_dir: Path, max_items: int | None) -> list[Record]:
+    """Every eval record, MCQA and instruction alike (at most `max_items` per source): held-out text."""
+    return list(_capped_eval_records(prepare_dir, max_items, Counter()))
+
+
+def _capped_eval_records(prepare_dir: Path, max_items: int | None, skipped: Counter[str]) -> list[Record]:
+    from medtune.data.prepare import read_prepared
+
+    out: list[Record] = []
+    per_source: Counter[str] = Counter()
+    for record in read_prepared(prepare_dir, "eval"):
+        if max_items is not None and per_source[record["source"]] >= max_items:
+            skipped["over_max_items"] += 1
+        else:
+            per_source[record["source"]] += 1
+            out.append(record)
+    return out
 
 
 def load_fewshot_pool(cfg: RunConfig, prepare_dir: Path) -> list[Record]:
@@ -63,6 +80,16 @@ def group_keys(cfg: RunConfig) -> list[str]:
     return [*cfg.eval.group_by, *(["tag"] if cfg.eval.group_by_tags else [])]
 
 
+def _steps(advance: Callable[[], None]) -> Callable[[int], None]:
+    """A progress callback taking a count, from a bar's one-step `advance`."""
+
+    def advance_by(n: int) -> None:
+        for _ in range(n):
+            advance()
+
+    return advance_by
+
+
 def score_model(
     cfg: RunConfig,
     records: list[Record],
@@ -70,19 +97,18 @@ def score_model(
     adapter_dir: Path | None,
     out_dir: Path,
     label: str,
+    nll_records: list[Record] | None = None,
 ) -> dict[str, Any]:
-    """Load one model, score every record into out_dir/predictions.jsonl, return its accuracy table."""
+    """Load one model, score every record into out_dir/predictions.jsonl, return its accuracy table.
+
+    With `nll_records`, the same loaded model also scores their held-out NLL into out_dir/nll.jsonl.
+    """
     from medtune.model.load import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(cfg, adapter_dir)
     items = build_items(records, tokenizer, cfg.packing, cfg.eval.k_shot, pool, cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_bar(f"eval {label} ({cfg.eval.mode})", total=len(items)) as advance:
-
-        def advance_by(n: int) -> None:
-            for _ in range(n):
-                advance()
-
         results = score_items(
             model,
             tokenizer,
@@ -91,8 +117,12 @@ def score_model(
             cfg.eval.batch_size,
             out_dir / "predictions.jsonl",
             cfg.eval.max_new_tokens,
-            progress=advance_by,
+            progress=_steps(advance),
         )
+    if nll_records is not None:
+        with progress_bar(f"held-out NLL {label}", total=len(nll_records)) as advance:
+            rows = score_nll(model, tokenizer, nll_records, cfg.packing, progress=_steps(advance))
+        write_nll(rows, out_dir / "nll.jsonl")
     del model
     gc.collect()
     if torch.cuda.is_available():
@@ -112,6 +142,7 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
             raise RunDirError(
                 f"{adapter}: no trained adapter here; run `medtune train` first (or use --base-only)"
             )
+    nll_records = load_nll_records(Path(prepare_dir), cfg.eval.max_items) if cfg.eval.nll else None
     metrics: dict[str, Any] = {
         "mode": cfg.eval.mode,
         "k_shot": cfg.eval.k_shot,
@@ -119,11 +150,13 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
         "skipped": skipped,
         "models": {},
     }
-    if cfg.eval.eval_base or adapter is None:
-        metrics["models"]["base"] = score_model(cfg, records, pool, None, out_dir / "base", "base")
-    if adapter is not None:
-        metrics["models"]["tuned"] = score_model(cfg, records, pool, adapter, out_dir / "tuned", "tuned")
-    if {"base", "tuned"} <= metrics["models"].keys():
+    labels = (["base"] if cfg.eval.eval_base or adapter is None else []) + (["tuned"] if adapter else [])
+    for label in labels:
+        model_adapter = adapter if label == "tuned" else None
+        metrics["models"][label] = score_model(
+            cfg, records, pool, model_adapter, out_dir / label, label, nll_records
+        )
+    if len(labels) == 2:
         compared = run_compare(
             out_dir / "base" / "predictions.jsonl",
             out_dir / "tuned" / "predictions.jsonl",
@@ -136,12 +169,57 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
             g: {k: v[k] for k in ("delta_pp", "ci95_pp", "mcnemar_p", "significant")}
             for g, v in compared["groups"].items()
         }
+    if nll_records is not None:
+        metrics["nll"] = _nll_metrics(cfg, out_dir, labels)
     write_json_atomic(out_dir / "metrics.json", metrics)
     (out_dir / "results.md").write_text(results_markdown(metrics), encoding="utf-8")
     console = Console()
     for label, table in metrics["models"].items():
         console.print(results_rich_table(label, table))
+    if "nll" in metrics:
+        console.print(nll_rich_table(metrics["nll"]))
     return {label: t["groups"]["all"] for label, t in metrics["models"].items()} | {"n_items": len(records)}
+
+
+def _nll_metrics(cfg: RunConfig, out_dir: Path, labels: list[str]) -> dict[str, Any]:
+    """Per model the per-group held-out NLL table; with both models, tuned - base paired per item."""
+    keys, n, seed = group_keys(cfg), cfg.eval.bootstrap_samples, cfg.seed
+    rows = {label: read_nll(out_dir / label / "nll.jsonl") for label in labels}
+    out: dict[str, Any] = {label: nll_table(r, keys, n, seed) for label, r in rows.items()}
+    if len(labels) == 2:
+        out["tuned_vs_base"] = compare_nll(rows["base"], rows["tuned"], keys, n, seed)
+    return out
+
+
+def _nll_rows(nll: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the held-out NLL table: one column per model, then tuned - base [CI]."""
+    labels = [k for k in ("base", "tuned") if k in nll]
+    header = ["group", "n", *[f"{label} NLL [95% CI]" for label in labels]]
+    pairs = nll.get("tuned_vs_base")
+    if pairs:
+        header.append("tuned - base [paired 95% CI]")
+    rows = []
+    for group, g in nll[labels[0]].items():
+        row = [group, str(g["n"])]
+        for label in labels:
+            t = nll[label][group]
+            row.append(f"{t['nll']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]")
+        if pairs and group in pairs:
+            d = pairs[group]
+            verdict = "" if d["significant"] else " n.s."
+            row.append(f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{verdict}")
+        rows.append(row)
+    return header, rows
+
+
+def nll_rich_table(nll: dict[str, Any]) -> Table:
+    header, rows = _nll_rows(nll)
+    out = Table(title="held-out NLL (nats/token, mean over items; lower is better)")
+    for col in header:
+        out.add_column(col, justify="left" if col == "group" else "right")
+    for row in rows:
+        out.add_row(*row)
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -174,6 +252,16 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(_row(name, g)) + " |" for name, g in table["groups"].items()]
         macro = ", ".join(f"{k}: {_pct(v)}" for k, v in table["macro"].items())
         lines += ["", f"Macro averages: {macro}", ""]
+    if "nll" in metrics:
+        header, rows = _nll_rows(metrics["nll"])
+        lines += [
+            "## Held-out NLL (nats/token, mean over items; lower is better; n.s. = CI includes 0)",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *["| " + " | ".join(r) + " |" for r in rows],
+            "",
+        ]
     if "compare" in metrics:
         lines += [
             "## tuned vs base",

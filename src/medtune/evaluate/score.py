@@ -17,9 +17,13 @@ lm-evaluation-harness `_encode_pair` instead: trailing whitespace of the prompt 
 continuation, `prompt + continuation` is encoded whole and split after the prompt's own token count,
 so `acc`/`acc_norm` match the harness token for token. On the plain template the two agree.
 
-Batching: rows are sorted by length (longest first, so an out-of-memory shows up on the first batch)
+Batching: rows are sorted by length (longest first, so an out-of-memory shows up on the first batch),
+cut into batches of at most `batch_size` rows that pad no row by more than 5% of the batch's width,
 and *left*-padded with explicit `position_ids`, so every continuation ends at the last position and
 only the last few positions' logits are computed (`logits_to_keep`), never the full [B, T, vocab].
+For the same reason the final decoder layer runs its feed-forward block and attention output
+projection on those positions only (`final_layer_on_last_positions`): no later layer reads the other
+positions, and on a small model the final MLP is about a fifth of the forward pass.
 Results are written back in input order, so output bytes do not depend on the sort.
 """
 
@@ -29,10 +33,12 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import torch
+import torch.nn.functional as F
 
 from medtune.data.schema import LETTERS, Record
 
@@ -235,8 +241,44 @@ def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
 def last_logprobs(model: Any, rows: Sequence[Sequence[int]], pad_id: int, keep: int = 1) -> torch.Tensor:
     """Log-softmax (float32) over the vocabulary at the last `keep` positions of each row: [B, keep, V]."""
     batch = _left_pad(rows, pad_id, _device_of(model))
-    logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
+    with final_layer_on_last_positions(model, keep):
+        logits = model(**batch, use_cache=False, logits_to_keep=keep).logits
     return logits[:, -keep:].float().log_softmax(-1)
+
+
+@contextmanager
+def final_layer_on_last_positions(model: Any, keep: int) -> Iterator[None]:
+    """While active, the last decoder layer's MLP and attention output projection see only the last
+    `keep` positions; their outputs are zero-padded back to full length before the residual add.
+
+    Exact for the kept positions: both modules act on each position alone, and after the last layer
+    only the final norm and `lm_head` (itself limited by `logits_to_keep`) follow. The other
+    positions' final hidden states become wrong, which is why this is for scoring only. Models
+    without the usual `layers[-1].mlp` / `self_attn.o_proj` layout run unchanged.
+    """
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    last = layers[-1] if layers is not None and len(layers) else None
+    targets = [getattr(last, "mlp", None), getattr(getattr(last, "self_attn", None), "o_proj", None)]
+    lengths: list[int | None] = []
+
+    def slice_input(_module: Any, args: tuple) -> tuple:
+        # only a positional [B, T, H] input is sliced; any other call passes through untouched
+        sliceable = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 3
+        lengths.append(args[0].shape[1] if sliceable else None)
+        return (args[0][:, -keep:], *args[1:]) if sliceable else args
+
+    def pad_output(_module: Any, _args: tuple, out: Any) -> Any:
+        length = lengths.pop()
+        return out if length is None else F.pad(out, (0, 0, length - out.shape[1], 0))
+
+    handles = []
+    for module in (m for m in targets if isinstance(m, torch.nn.Module)):
+        handles += [module.register_forward_pre_hook(slice_input), module.register_forward_hook(pad_output)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _device_of(model: Any) -> torch.device:
@@ -257,9 +299,25 @@ def _max_len(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-def _batches(order: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), batch_size):
-        yield list(order[start : start + batch_size])
+# A batch closes early when the next (shorter) row would be padded by more than this fraction of
+# the batch's width. Padding costs as much as real tokens (and on CPU wide batches also fall out of
+# cache), while one more forward pass costs little; on a large eval set neighbours in length order
+# are nearly equal, so batches stay full and only the sparse long tail is split.
+MAX_PAD_FRACTION = 0.05
+
+
+def _length_batches(rows: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of `rows` in batches of at most `batch_size`, longest first, little padding in each."""
+    batch: list[int] = []
+    for i in _by_length(rows):
+        if batch and (
+            len(batch) == batch_size or len(rows[i]) < (1 - MAX_PAD_FRACTION) * len(rows[batch[0]])
+        ):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def _by_length(rows: Sequence[Sequence[int]]) -> list[int]:
@@ -284,7 +342,7 @@ def letter_scores(
         rows.append(_truncate(prompt_ids + shared, _max_len(model)))
         candidates.append(firsts)
     out: list[list[float]] = [[] for _ in items]
-    for batch in _batches(_by_length(rows), batch_size):
+    for batch in _length_batches(rows, batch_size):
         logprobs = last_logprobs(model, [rows[i] for i in batch], _pad_id(tokenizer))[:, -1]
         for j, i in enumerate(batch):
             out[i] = logprobs[j, candidates[i]].tolist()
@@ -313,7 +371,7 @@ def loglik_scores(
     # Like the harness: the model reads context + continuation minus the last token.
     rows = [_truncate((c + k)[:-1], _max_len(model)) for c, k in encoded]
     out = [0.0] * len(pairs)
-    for batch in _batches(_by_length(rows), batch_size):
+    for batch in _length_batches(rows, batch_size):
         keep = max(len(encoded[i][1]) for i in batch)
         logprobs = last_logprobs(model, [rows[i] for i in batch], _pad_id(tokenizer), keep)
         for j, i in enumerate(batch):
@@ -330,7 +388,7 @@ def generate_texts(
     """Greedy continuations of each prompt, decoded without special tokens."""
     rows = [_truncate(r, _max_len(model)) for r in encode(tokenizer, prompts)]
     out = [""] * len(prompts)
-    for batch in _batches(_by_length(rows), batch_size):
+    for batch in _length_batches(rows, batch_size):
         padded = _left_pad([rows[i] for i in batch], _pad_id(tokenizer), _device_of(model))
         padded.pop("position_ids")  # generate() derives positions from the mask itself
         gen = model.generate(
