@@ -157,6 +157,26 @@ def make_run_dir(root: Path, seed: int = 0, with_base: bool = True) -> Path:
     return root
 
 
+def _nll_metrics() -> dict:
+    """metrics.json["nll"] as `eval.nll: true` writes it: per model per group, then tuned - base."""
+
+    def table(shift: float) -> dict:
+        return {
+            "all": {"n": 80, "tokens": 9000, "nll": 2.9 + shift, "ci95": [2.8 + shift, 3.0 + shift]},
+            "language=ko": {"n": 40, "tokens": 5000, "nll": 3.2 + shift, "ci95": [3.1 + shift, 3.3 + shift]},
+        }
+
+    pair = {"n": 40, "a": 3.2, "b": 3.1, "b_lower_share": 0.9}
+    return {
+        "base": table(0.0),
+        "tuned": table(-0.1),
+        "tuned_vs_base": {
+            "all": {**pair, "delta": -0.004, "ci95": [-0.01, 0.002], "significant": False},
+            "language=ko": {**pair, "delta": -0.121, "ci95": [-0.179, -0.078], "significant": True},
+        },
+    }
+
+
 class _Refs(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
@@ -206,6 +226,26 @@ def test_run_report_renders_with_resolving_images_and_links(tmp_path: Path) -> N
     # Numbers come from the files, not recomputed: tuned all = 60/120, base ko = 20/60.
     assert "50.0%" in page and "33.3%" in page
     assert "+8.3" in page and "[+2.1, +14.0]" in page
+
+
+def test_heldout_nll_section_only_when_scored(tmp_path: Path) -> None:
+    run = make_run_dir(tmp_path / "run")
+    page = (run_report(run, run / "report") / "report.html").read_text(encoding="utf-8")
+    assert "Held-out NLL" not in page
+    metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    _write(run / "eval" / "metrics.json", {**metrics, "nll": _nll_metrics()})
+    out = run_report(run, run / "report")
+    page = (out / "report.html").read_text(encoding="utf-8")
+    rows = re.findall(r"<tr[^>]*>.*?</tr>", page)
+    assert "Held-out NLL" in page
+    ko = next(r for r in rows if "3.100 [3.000, 3.200]" in r)
+    assert "-0.121 [-0.179, -0.078]" in ko and 'class="ns"' not in ko
+    everything = next(r for r in rows if "-0.004" in r)
+    assert "n.s." in everything and 'class="ns"' in everything
+    assert (
+        "| language=ko | 40 | 3.200 [3.100, 3.300] | 3.100 [3.000, 3.200] |"
+        in (out / "report.md").read_text()
+    )
 
 
 def test_missing_stage_files_are_noted_not_invented(tmp_path: Path) -> None:

@@ -23,14 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medtune.config import PackingConfig
 from medtune.data.schema import Record
 from medtune.evaluate.stats import bootstrap_ci, group_names, paired_bootstrap_ci
-from medtune.format import tokenize_example
-from medtune.loss import IGNORE_INDEX, token_nll
-from medtune.packing import build_rows, collate
 
 
 def score_nll(
@@ -46,6 +42,12 @@ def score_nll(
     gets a row of its own, never truncated), with position_ids restarting per record so no record
     attends to another.
     """
+    import torch  # late: the report reads NLL tables without loading torch
+
+    from medtune.format import tokenize_example
+    from medtune.loss import IGNORE_INDEX, token_nll
+    from medtune.packing import build_rows, collate
+
     examples = []
     for record in records:
         cfg = packing.model_copy(update={"train_on_prompt": record["kind"] == "mcqa"})
@@ -149,3 +151,25 @@ def compare_nll(
             "b_lower_share": float(np.mean(vb[idx] < va[idx])),
         }
     return table
+
+
+def nll_rows(nll: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the held-out NLL table in `metrics.json["nll"]`: one column per model, then
+    tuned - base with its paired CI, marked "n.s." where the CI includes 0."""
+    labels = [k for k in ("base", "tuned") if k in nll]
+    header = ["group", "n", *[f"{label} NLL [95% CI]" for label in labels]]
+    pairs = nll.get("tuned_vs_base")
+    if pairs:
+        header.append("tuned - base [paired 95% CI]")
+    rows = []
+    for group, g in nll[labels[0]].items():
+        row = [group, str(g["n"])]
+        for label in labels:
+            t = nll[label][group]
+            row.append(f"{t['nll']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]")
+        if pairs and group in pairs:
+            d = pairs[group]
+            verdict = "" if d["significant"] else " n.s."
+            row.append(f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{verdict}")
+        rows.append(row)
+    return header, rows

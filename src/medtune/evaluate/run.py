@@ -27,7 +27,7 @@ from medtune.config import RunConfig
 from medtune.data.schema import Record
 from medtune.errors import RunDirError
 from medtune.evaluate.compare import run_compare
-from medtune.evaluate.nll import compare_nll, nll_table, read_nll, score_nll, write_nll
+from medtune.evaluate.nll import compare_nll, nll_rows, nll_table, read_nll, score_nll, write_nll
 from medtune.evaluate.score import build_items, score_items
 from medtune.evaluate.stats import accuracy_table
 from medtune.manifest import write_json_atomic
@@ -191,29 +191,8 @@ def _nll_metrics(cfg: RunConfig, out_dir: Path, labels: list[str]) -> dict[str, 
     return out
 
 
-def _nll_rows(nll: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the held-out NLL table: one column per model, then tuned - base [CI]."""
-    labels = [k for k in ("base", "tuned") if k in nll]
-    header = ["group", "n", *[f"{label} NLL [95% CI]" for label in labels]]
-    pairs = nll.get("tuned_vs_base")
-    if pairs:
-        header.append("tuned - base [paired 95% CI]")
-    rows = []
-    for group, g in nll[labels[0]].items():
-        row = [group, str(g["n"])]
-        for label in labels:
-            t = nll[label][group]
-            row.append(f"{t['nll']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]")
-        if pairs and group in pairs:
-            d = pairs[group]
-            verdict = "" if d["significant"] else " n.s."
-            row.append(f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{verdict}")
-        rows.append(row)
-    return header, rows
-
-
 def nll_rich_table(nll: dict[str, Any]) -> Table:
-    header, rows = _nll_rows(nll)
+    header, rows = nll_rows(nll)
     out = Table(title="held-out NLL (nats/token, mean over items; lower is better)")
     for col in header:
         out.add_column(col, justify="left" if col == "group" else "right")
@@ -253,7 +232,7 @@ def results_markdown(metrics: dict[str, Any]) -> str:
         macro = ", ".join(f"{k}: {_pct(v)}" for k, v in table["macro"].items())
         lines += ["", f"Macro averages: {macro}", ""]
     if "nll" in metrics:
-        header, rows = _nll_rows(metrics["nll"])
+        header, rows = nll_rows(metrics["nll"])
         lines += [
             "## Held-out NLL (nats/token, mean over items; lower is better; n.s. = CI includes 0)",
             "",

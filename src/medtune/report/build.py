@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from medtune.evaluate.nll import nll_rows
 from medtune.report.plots import Bar, accuracy_chart, efficiency_chart, loss_chart
 
 SIGNIFICANCE_LEVEL = 0.05
@@ -203,6 +204,7 @@ def _run_sections(doc: Doc, run_dir: Path) -> None:
         _delta_table(doc, {"tuned vs base": rows})
     else:
         doc.add("p", "No paired comparison (eval/compare.json is missing, or the base model was not scored).")
+    _nll_section(doc, (read_json(run_dir / "eval" / "metrics.json") or {}).get("nll"))
     doc.add("h2", "Training")
     _training_section(doc, {run_dir.name: read_jsonl(run_dir / "train" / "metrics.jsonl")}, "loss.png")
     _files_section(
@@ -216,6 +218,22 @@ def _run_sections(doc: Doc, run_dir: Path) -> None:
             "eval/base/predictions.jsonl",
             "eval/tuned/predictions.jsonl",
         ],
+    )
+
+
+def _nll_section(doc: Doc, nll: dict[str, Any] | None) -> None:
+    """The held-out NLL table (`eval.nll: true`); absent when the eval did not score it."""
+    if not nll:
+        return
+    doc.add("h2", "Held-out NLL")
+    header, rows = nll_rows(nll)
+    table = Table(header, rows, {i for i, row in enumerate(rows) if row[-1].endswith("n.s.")})
+    doc.add("table", table)
+    doc.add(
+        "p",
+        "Mean NLL per token (nats) over eval items: MCQA items' whole text, instruction records' "
+        "responses; lower is better. tuned - base is paired per item with a bootstrap 95% CI; "
+        "'n.s.' where that interval includes 0.",
     )
 
 
