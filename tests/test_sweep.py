@@ -114,6 +114,14 @@ class FakeStages:
                 "".join(json.dumps(p) + "\n" for p in preds), encoding="utf-8"
             )
             models[label] = accuracy_table(preds, ("language",), n_samples=100)
+            if cfg.eval.nll:  # tuned Korean text gets 0.1 nats/token cheaper per unit of Korean share
+                rows = [
+                    {**p, "kind": "mcqa", "tokens": 10, "nll": 10 * (3.0 - 0.1 * bonus * (i % 2))}
+                    for i, p in enumerate(preds)
+                ]
+                (out / label / "nll.jsonl").write_text(
+                    "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8"
+                )
         (out / "metrics.json").write_text(json.dumps({"models": models}), encoding="utf-8")
         return {"n_items": N_ITEMS}
 
@@ -246,3 +254,22 @@ def test_real_quickstart_sweep_two_ratios_two_seeds(tiny_llama_dir: Path, tmp_pa
     )
     assert ko_only["mix"]["achieved_share"].get("en", 0) == 0
     assert (tmp_path / "sweep" / "report" / "report.html").is_file()
+
+
+def test_sweep_pairs_each_cells_heldout_nll_with_the_base(config_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    run_sweep(config_file, RATIOS, [1], out, {"eval.nll": True}, stages=FakeStages().stages())
+    ko_only = json.loads((out / "cells" / "ko1-en0_seed1" / "eval" / "nll_vs_base.json").read_text())
+    heavy_en = json.loads((out / "cells" / "ko3-en10_seed1" / "eval" / "nll_vs_base.json").read_text())
+    assert ko_only["language=ko"]["delta"] == pytest.approx(-0.1) and ko_only["language=ko"]["significant"]
+    assert heavy_en["language=ko"]["delta"] == pytest.approx(-0.3)
+    assert heavy_en["language=en"]["delta"] == 0 and not heavy_en["language=en"]["significant"]
+    page = (out / "report" / "report.html").read_text()
+    assert "Held-out NLL: each cell vs the base model" in page and "-0.300 [-0.300, -0.300]" in page
+
+
+def test_sweep_without_nll_writes_no_nll_comparison(config_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    run_sweep(config_file, RATIOS[:1], [1], out, stages=FakeStages().stages())
+    assert not (out / "cells" / "ko1-en0_seed1" / "eval" / "nll_vs_base.json").exists()
+    assert "Held-out NLL" not in (out / "report" / "report.html").read_text()

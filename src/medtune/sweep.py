@@ -26,6 +26,7 @@ from medtune.errors import ConfigError, MedtuneError, RunDirError
 from medtune.manifest import read_manifest, stage_manifest, write_json_atomic
 
 SWEEP_FILE = "sweep.json"
+NLL_VS_BASE = "nll_vs_base.json"
 _RATIO_SPEC = re.compile(r"^\s*([A-Za-z_]+(?:\s*:\s*[A-Za-z_]+)+)\s*=\s*(.+)$")
 
 
@@ -265,10 +266,24 @@ def _compare_with_base(
         ccfg.eval.bootstrap_samples,
         ccfg.seed,
     )
+    _compare_nll_with_base(ccfg, base_preds.parent / "nll.jsonl", eval_dir)
     # Cells see the same eval items when prepare wrote byte-identical eval.jsonl files; the compare
     # stage pairs by id anyway, and reports items only one side has.
     same = _sha256(run_dir / "prepare" / "eval.jsonl") == base.get("eval_sha256")
     return {"same_eval_set": same, "vs_base_all": (compared.get("groups") or {}).get("all")}
+
+
+def _compare_nll_with_base(ccfg: RunConfig, base_nll: Path, eval_dir: Path) -> None:
+    """With `eval.nll`, pair the cell's held-out NLL with the base's per item: eval/nll_vs_base.json."""
+    from medtune.evaluate.nll import compare_nll, read_nll
+    from medtune.evaluate.run import group_keys
+
+    tuned_nll = eval_dir / "tuned" / "nll.jsonl"
+    if base_nll.is_file() and tuned_nll.is_file():
+        pairs = compare_nll(
+            read_nll(base_nll), read_nll(tuned_nll), group_keys(ccfg), ccfg.eval.bootstrap_samples, ccfg.seed
+        )
+        write_json_atomic(eval_dir / NLL_VS_BASE, pairs)
 
 
 def _stage(name: str, cfg: RunConfig, run: Callable[[], dict]) -> None:

@@ -523,11 +523,40 @@ def _sweep_sections(doc: Doc, sweep_dir: Path) -> None:
         _delta_table(doc, deltas)
     else:
         doc.add("p", "No paired comparisons (cells have no eval/compare.json).")
+    _sweep_nll_table(
+        doc, {c["name"]: read_json(sweep_dir / c["dir"] / "eval" / "nll_vs_base.json") for c in done}
+    )
     doc.add("h2", "Training")
     logs = {c["name"]: read_jsonl(sweep_dir / c["dir"] / "train" / "metrics.jsonl") for c in cells}
     _training_section(doc, {k: v for k, v in logs.items() if v}, "loss_sweep.png")
     doc.add("h2", "Data per cell")
     _cell_data_table(doc, sweep_dir, cells)
+
+
+def _sweep_nll_table(doc: Doc, pairs: dict[str, dict[str, Any] | None]) -> None:
+    """Held-out NLL of each cell vs the base, paired per item (cells scored with `eval.nll: true`)."""
+    pairs = {name: p for name, p in pairs.items() if p}
+    if not pairs:
+        return
+    doc.add("h2", "Held-out NLL: each cell vs the base model")
+    table = Table(
+        ["cell", "group", "n", "base NLL", "cell NLL", "cell - base [paired 95% CI]", "verdict"], []
+    )
+    for name, groups in pairs.items():
+        for group, d in groups.items():
+            if not (group == "all" or group.startswith(("language=", "source=", "tag="))):
+                continue
+            if not d["significant"]:
+                table.muted.add(len(table.rows))
+            ci = f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+            verdict = ("lower" if d["delta"] < 0 else "higher") if d["significant"] else "not significant"
+            table.rows.append([name, group, str(d["n"]), f"{d['a']:.3f}", f"{d['b']:.3f}", ci, verdict])
+    doc.add("table", table)
+    doc.add(
+        "p",
+        "Mean NLL per token (nats) over the same eval items; lower is better. 'not significant' where "
+        "the paired bootstrap 95% interval includes 0.",
+    )
 
 
 def _ratio_means(doc: Doc, cells: list[dict[str, Any]], series: dict[str, dict[str, dict]]) -> None:
