@@ -170,6 +170,7 @@ def write_config(args: argparse.Namespace, splits: dict[str, Path], path: Path) 
             "batch_size": 8,
             "bootstrap_samples": BOOTSTRAP,
             "nll": True,  # the primary measure: held-out NLL of every eval record, same loaded model
+            "nll_scope": "text",  # MCQA items whole (their target is one letter), dialogues' replies
             "max_items": args.max_items,
         },
         "output": {"dir": str(args.out.resolve() / "run")},

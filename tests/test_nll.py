@@ -54,7 +54,7 @@ def _dialogue(i: int) -> dict:
     }
 
 
-def _by_hand(model, tokenizer, record: dict, cfg: PackingConfig) -> tuple[float, int]:
+def _by_hand(model, tokenizer, record: dict, cfg: PackingConfig, whole: bool) -> tuple[float, int]:
     """One record alone, full logits, F.cross_entropy over the tokens training would score."""
     prompt = tokenizer(render_prompt(record, tokenizer, cfg), add_special_tokens=True)["input_ids"]
     target = tokenizer(render_target(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
@@ -62,23 +62,25 @@ def _by_hand(model, tokenizer, record: dict, cfg: PackingConfig) -> tuple[float,
     ids = torch.tensor([prompt + target])
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    first = 0 if record["kind"] == "mcqa" else len(prompt) - 1
+    first = 0 if whole else len(prompt) - 1
     nll = F.cross_entropy(logits[first:], ids[0, 1:][first:], reduction="sum")
     return float(nll), ids.shape[1] - 1 - first
 
 
-def test_packed_item_nll_equals_each_item_alone(tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize("scope", ["targets", "text"])
+def test_packed_item_nll_equals_each_item_alone(tiny_llama_dir: Path, scope: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     records = (
         [_mcqa(i, "ko") for i in range(3)] + [_mcqa(i, "en") for i in range(2)] + [_dialogue(0), _dialogue(3)]
     )
     cfg = PackingConfig(template="plain", max_seq_len=64)  # some items are longer: they get a row alone
-    rows = score_nll(model, tokenizer, records, cfg)
+    rows = score_nll(model, tokenizer, records, cfg, scope=scope)
     assert [r["id"] for r in rows] == [r["id"] for r in records]
-    assert max(r["tokens"] for r in rows) > 64
+    assert scope == "targets" or max(r["tokens"] for r in rows) > 64  # long items get a row alone
     for record, row in zip(records, rows, strict=True):
-        want, n = _by_hand(model, tokenizer, record, cfg)
+        whole = scope == "text" and record["kind"] == "mcqa"  # `targets`: answers only, as trained
+        want, n = _by_hand(model, tokenizer, record, cfg, whole)
         assert row["tokens"] == n, record["id"]
         assert row["nll"] == pytest.approx(want, rel=1e-4), record["id"]
 

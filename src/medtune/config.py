@@ -202,6 +202,9 @@ class EvalConfig(Section):
     nll: bool = False
     """Also score the held-out NLL of every eval record (MCQA text, instruction responses), per group,
     and tuned vs base paired per item: it moves where accuracy cannot (`medtune.evaluate.nll`)."""
+    nll_scope: Literal["targets", "text"] = "targets"
+    """targets: the tokens the training loss scores (a held-out validation loss); text: an MCQA item's
+    whole question + options + answer (its answer alone is one letter), instruction records' responses."""
     bootstrap_samples: int = Field(default=2000, ge=100)
     group_by: list[Literal["language", "source", "subject"]] = Field(
         default_factory=lambda: ["language", "source", "subject"]

@@ -4,11 +4,13 @@ Multiple-choice accuracy moves in steps of 1/n, and for a small model after a sh
 does not move at all; the NLL of held-out text moves smoothly and says which languages and sources a
 fine-tune helped or hurt (forgetting shows here first). Each eval record is scored the way training
 scores it, through the same template, tokenizer, pre-shifted labels and packed forward
-(`medtune.loss.token_nll`):
+(`medtune.loss.token_nll`). Two scopes:
 
-- a multiple-choice item: its whole text (question, options and answer), since knowing how medical
-  questions and their answers read is what the fine-tune is for;
-- an instruction record (e.g. a held-out dialogue): the response given its prompt.
+- `targets` (default): exactly the tokens training scores (`packing.train_on_prompt`), so the number
+  is a held-out validation loss, comparable with the training loss;
+- `text`: a multiple-choice item's whole text (question, options and answer: its target alone is one
+  letter), an instruction record's response given its prompt. This measures how the model reads
+  held-out exam prose in each language, which answer-only training never targets, so drift shows.
 
 Per item the NLL sum and token count are kept (`nll.jsonl`); per group, the mean over items of NLL per
 token with a bootstrap 95% CI (items weigh equally, whatever their length); between two models, the
@@ -35,6 +37,7 @@ def score_nll(
     records: Sequence[Record],
     packing: PackingConfig,
     progress: Callable[[int], None] | None = None,
+    scope: str = "targets",
 ) -> list[dict[str, Any]]:
     """Per record: id, grouping fields, target-token count and NLL sum (nats), in `records` order.
 
@@ -49,8 +52,11 @@ def score_nll(
     from medtune.packing import build_rows, collate
 
     examples = []
+    if scope not in ("targets", "text"):
+        raise ValueError(f"nll scope {scope!r} is not 'targets' or 'text'")
     for record in records:
-        cfg = packing.model_copy(update={"train_on_prompt": record["kind"] == "mcqa"})
+        whole = packing.train_on_prompt if scope == "targets" else record["kind"] == "mcqa"
+        cfg = packing.model_copy(update={"train_on_prompt": whole})
         examples.append(tokenize_example(record, tokenizer, cfg))
     lengths = [len(e["input_ids"]) for e in examples]
     pack = packing.model_copy(update={"mode": "packed", "max_seq_len": max([packing.max_seq_len, *lengths])})

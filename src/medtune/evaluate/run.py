@@ -121,7 +121,7 @@ def score_model(
         )
     if nll_records is not None:
         with progress_bar(f"held-out NLL {label}", total=len(nll_records)) as advance:
-            rows = score_nll(model, tokenizer, nll_records, cfg.packing, progress=_steps(advance))
+            rows = score_nll(model, tokenizer, nll_records, cfg.packing, _steps(advance), cfg.eval.nll_scope)
         write_nll(rows, out_dir / "nll.jsonl")
     del model
     gc.collect()
