@@ -272,28 +272,36 @@ def _delta_cell(d: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mark}{value:+.{digits}f}{mark} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
 
 
-def markdown(result: dict[str, Any]) -> str:
-    ref, labels = result["reference"], result["models"]
+def _mean_delta_table(title: str, table: dict[str, Any], labels: list[str], ref: str, unit: str) -> list[str]:
+    """A means-and-paired-deltas table: each model's mean, each cell vs `ref`, each model vs base."""
     cells = [m for m in labels if m not in ("base", ref)]
     head = [
         "group",
         "n",
-        *[f"{m} NLL" for m in labels],
+        *[f"{m}{unit}" for m in labels],
         *[f"{c} − {ref}" for c in cells],
         *[f"{m} − base" for m in labels if m != "base"],
     ]
-    out = [
-        "Held-out text NLL (nats/token, mean over items; deltas with paired bootstrap 95% CI, "
-        "**bold** where the CI excludes 0):",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for group, e in result["nll"].items():
+    out = ["", title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group, e in table.items():
         row = [group, str(e["n"]), *[f"{e['mean'][m]:.3f}" for m in labels]]
         row += [_delta_cell(e[f"vs_{ref}"][c]) for c in cells]
         row += [_delta_cell(e["vs_base"][m]) for m in labels if m != "base"]
         out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    ref, labels = result["reference"], result["models"]
+    cells = [m for m in labels if m not in ("base", ref)]
+    out = _mean_delta_table(
+        "Held-out text NLL (nats/token, mean over items; deltas with paired bootstrap 95% CI, "
+        "**bold** where the CI excludes 0):",
+        result["nll"],
+        labels,
+        ref,
+        " NLL",
+    )[1:]
     head = [
         "group",
         "n",
@@ -319,25 +327,9 @@ def markdown(result: dict[str, Any]) -> str:
             if m != "base"
         ]
         out.append("| " + " | ".join(row) + " |")
-    head = [
-        "group",
-        "n",
-        *labels,
-        *[f"{c} − {ref}" for c in cells],
-        *[f"{m} − base" for m in labels if m != "base"],
-    ]
-    out += [
-        "",
-        "Gold-letter NLL renormalised over the options:",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for group, e in result["gold_nll"].items():
-        row = [group, str(e["n"]), *[f"{e['mean'][m]:.3f}" for m in labels]]
-        row += [_delta_cell(e[f"vs_{ref}"][c]) for c in cells]
-        row += [_delta_cell(e["vs_base"][m]) for m in labels if m != "base"]
-        out.append("| " + " | ".join(row) + " |")
+    out += _mean_delta_table(
+        "Gold-letter NLL renormalised over the options:", result["gold_nll"], labels, ref, ""
+    )
     return "\n".join(out) + "\n"
 
 
