@@ -265,11 +265,11 @@ def gold_nll_table(preds: dict[str, dict[str, dict]], reference: str) -> dict[st
 # ---------------------------------------------------------------- report
 
 
-def _delta_cell(d: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
-    lo, hi = d["ci95"] if "ci95" in d else d["ci95_pp"]
+def _delta_cell(d: dict[str, Any]) -> str:
+    """`+0.050 [+0.010, +0.090]`, bold where the paired CI excludes 0."""
+    lo, hi = d["ci95"]
     mark = "**" if d["significant"] else ""
-    value = d["delta"] * scale if "delta" in d else d["delta_pp"]
-    return f"{mark}{value:+.{digits}f}{mark} [{lo * scale:+.{digits}f}, {hi * scale:+.{digits}f}]"
+    return f"{mark}{d['delta']:+.3f}{mark} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _mean_delta_table(title: str, table: dict[str, Any], labels: list[str], ref: str, unit: str) -> list[str]:
