@@ -34,37 +34,28 @@ from medtune.manifest import write_json_atomic
 from medtune.progress import progress_bar
 
 
-def load_eval_records(prepare_dir: Path, max_items: int | None) -> tuple[list[Record], dict[str, int]]:
-    """MCQA eval records (at most `max_items` per source, in file order) and what was left out, why."""
-    kept: list[Record] = []
-    skipped: Counter[str] = Counter()
-    for record in _capped_eval_records(prepare_dir, max_items, skipped):
-        if record["kind"] != "mcqa":
-            skipped["not_mcqa"] += 1
-        else:
-            kept.append(record)
-    if not kept:
-        raise RunDirError(f"{prepare_dir}/eval.jsonl: no multiple-choice eval items; add data.eval sources")
-    return kept, dict(skipped)
-
-
-def load_nll_records(prepare_dir: Path, max_items: int | None) -> list[Record]:
-    """Every eval record, MCQA and instruction alike (at most `max_items` per source): held-out text."""
-    return list(_capped_eval_records(prepare_dir, max_items, Counter()))
-
-
-def _capped_eval_records(prepare_dir: Path, max_items: int | None, skipped: Counter[str]) -> list[Record]:
+def load_eval_records(
+    prepare_dir: Path, max_items: int | None
+) -> tuple[list[Record], list[Record], dict[str, int]]:
+    """Eval records, at most `max_items` per source in file order, read once: (the MCQA ones to score,
+    all of them -- MCQA and instruction alike, the held-out text for `eval.nll` --, what was left out)."""
     from medtune.data.prepare import read_prepared
 
-    out: list[Record] = []
+    capped: list[Record] = []
     per_source: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
     for record in read_prepared(prepare_dir, "eval"):
         if max_items is not None and per_source[record["source"]] >= max_items:
             skipped["over_max_items"] += 1
         else:
             per_source[record["source"]] += 1
-            out.append(record)
-    return out
+            capped.append(record)
+    mcqa = [r for r in capped if r["kind"] == "mcqa"]
+    if len(mcqa) < len(capped):
+        skipped["not_mcqa"] += len(capped) - len(mcqa)
+    if not mcqa:
+        raise RunDirError(f"{prepare_dir}/eval.jsonl: no multiple-choice eval items; add data.eval sources")
+    return mcqa, capped, dict(skipped)
 
 
 def load_fewshot_pool(cfg: RunConfig, prepare_dir: Path) -> list[Record]:
@@ -133,7 +124,7 @@ def score_model(
 def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir: Path) -> dict[str, Any]:
     """Score base (if `eval.eval_base` or no adapter) and tuned models; write metrics, results, compare."""
     out_dir = Path(out_dir)
-    records, skipped = load_eval_records(Path(prepare_dir), cfg.eval.max_items)
+    records, capped, skipped = load_eval_records(Path(prepare_dir), cfg.eval.max_items)
     pool = load_fewshot_pool(cfg, Path(prepare_dir))
     adapter = None
     if train_dir is not None:
@@ -142,7 +133,7 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
             raise RunDirError(
                 f"{adapter}: no trained adapter here; run `medtune train` first (or use --base-only)"
             )
-    nll_records = load_nll_records(Path(prepare_dir), cfg.eval.max_items) if cfg.eval.nll else None
+    nll_records = capped if cfg.eval.nll else None
     metrics: dict[str, Any] = {
         "mode": cfg.eval.mode,
         "k_shot": cfg.eval.k_shot,

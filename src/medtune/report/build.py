@@ -192,7 +192,8 @@ def _run_sections(doc: Doc, run_dir: Path) -> None:
     config = run_config(run_dir)
     _config_section(doc, config, run_dir)
     _data_section(doc, run_dir / "prepare")
-    groups = model_groups(read_json(run_dir / "eval" / "metrics.json"))
+    metrics = read_json(run_dir / "eval" / "metrics.json")
+    groups = model_groups(metrics)
     doc.add("h2", "Accuracy")
     if groups:
         _accuracy_tables(doc, groups, "run")
@@ -204,7 +205,7 @@ def _run_sections(doc: Doc, run_dir: Path) -> None:
         _delta_table(doc, {"tuned vs base": rows})
     else:
         doc.add("p", "No paired comparison (eval/compare.json is missing, or the base model was not scored).")
-    _nll_section(doc, (read_json(run_dir / "eval" / "metrics.json") or {}).get("nll"))
+    _nll_section(doc, (metrics or {}).get("nll"))
     doc.add("h2", "Training")
     _training_section(doc, {run_dir.name: read_jsonl(run_dir / "train" / "metrics.jsonl")}, "loss.png")
     _files_section(
