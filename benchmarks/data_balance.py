@@ -44,8 +44,8 @@ import yaml
 
 from medtune.data.read import is_medical_law
 from medtune.evaluate.compare import compare_predictions, load_predictions
-from medtune.evaluate.nll import compare_nll, nll_table, read_nll
-from medtune.evaluate.stats import paired_bootstrap_ci, wilson_ci
+from medtune.evaluate.nll import compare_nll, nll_table, paired_delta, read_nll
+from medtune.evaluate.stats import wilson_ci
 from medtune.sweep import cell_name, parse_ratios, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,17 +233,6 @@ def mcqa_table(preds: dict[str, dict[str, dict]], reference: str) -> dict[str, A
     return table
 
 
-def paired_delta(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-    """mean(b - a) with its paired bootstrap CI and the share of items where b is lower."""
-    lo, hi = paired_bootstrap_ci(a, b, BOOTSTRAP, 0)
-    return {
-        "delta": float(np.mean(b - a)),
-        "ci95": [lo, hi],
-        "significant": not lo <= 0 <= hi,
-        "b_lower_share": float(np.mean(b < a)),
-    }
-
-
 def gold_nll_table(preds: dict[str, dict[str, dict]], reference: str) -> dict[str, Any]:
     """Option-renormalised gold NLL per language: means and paired deltas vs the reference and base."""
     ids = sorted(set.intersection(*(set(p) for p in preds.values())))
@@ -256,7 +245,7 @@ def gold_nll_table(preds: dict[str, dict[str, dict]], reference: str) -> dict[st
         entry: dict[str, Any] = {"n": len(ok), "mean": {k: float(a.mean()) for k, a in arr.items()}}
         for against in dict.fromkeys(["base", reference]):
             entry[f"vs_{against}"] = {
-                k: paired_delta(arr[against], a) for k, a in arr.items() if k != against
+                k: paired_delta(arr[against], a, BOOTSTRAP, 0) for k, a in arr.items() if k != against
             }
         table[f"language={lang}"] = entry
     return table
