@@ -13,6 +13,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
+REQUIRE_REAL = "MEDTUNE_REQUIRE_REAL"
+
+
+def skip_unless_required(reason: str) -> None:
+    """Skip a test whose real resource (a fetched model, a browser) is absent, unless CI requires it.
+
+    `.ci/run` sets MEDTUNE_REQUIRE_REAL=1 after fetching the models and installing Chromium, so a
+    missing resource there fails the run instead of quietly skipping the tests that meet real parts.
+    """
+    if os.environ.get(REQUIRE_REAL):
+        pytest.fail(f"{reason} ({REQUIRE_REAL} is set: CI must run this test)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

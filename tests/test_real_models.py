@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from medtune.model.fetch import IMPORT_RECORD, PROVENANCE, RELEASES, is_fetched
 from medtune.model.gguf import PARITY_PROMPTS
+from tests.conftest import skip_unless_required
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -34,7 +35,7 @@ def _model_dir(name: str) -> Path:
     base = Path(os.environ["MEDTUNE_MODELS_DIR"]) if os.environ.get("MEDTUNE_MODELS_DIR") else REPO / "models"
     model_dir = base / name
     if not is_fetched(model_dir, RELEASES[name]):
-        pytest.skip(
+        skip_unless_required(
             f"{model_dir} is not a complete fetch; run `medtune model fetch {name}` (one-time download)"
         )
     return model_dir

@@ -19,6 +19,7 @@ from medtune.data.prepare import read_prepared, run_prepare
 from medtune.format import bos_prefix, shifted_labels, tokenize_example
 from medtune.packing import collate, forward_kwargs
 from medtune.train import run_train
+from tests.conftest import skip_unless_required
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -32,7 +33,9 @@ def gemma_dir() -> Path:
     base = Path(os.environ["MEDTUNE_MODELS_DIR"]) if os.environ.get("MEDTUNE_MODELS_DIR") else REPO / "models"
     model_dir = base / "gemma3-270m"
     if not (model_dir / "config.json").is_file():
-        pytest.skip(f"{model_dir} not found; run `medtune model fetch gemma3-270m` (one-time download)")
+        skip_unless_required(
+            f"{model_dir} not found; run `medtune model fetch gemma3-270m` (one-time download)"
+        )
     return model_dir
 
 

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import pytest
 
 from medtune.report.build import delta_rows, model_groups, run_report
+from tests.conftest import skip_unless_required
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -318,8 +319,9 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (apt-get install -y chromium)")
 def test_report_screenshot_in_headless_chromium(tmp_path: Path) -> None:
+    if _chromium() is None:
+        skip_unless_required("no chromium on PATH (apt-get install -y chromium)")
     run = make_run_dir(tmp_path / "run")
     out = run_report(run, run / "report")
     shot = tmp_path / "shot.png"
