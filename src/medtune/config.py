@@ -66,6 +66,13 @@ class SourceConfig(Section):
 
 
 class DedupeConfig(Section):
+    """Exact and near-duplicate removal (data/dedupe.py).
+
+    Near-duplicate memory per record does not grow with `num_perm` x field size: shingles are
+    permuted 2,048 at a time (about 1 MiB per temporary at 128 permutations); the text itself is
+    bounded by `data.max_field_chars`.
+    """
+
     exact: bool = True
     near: bool = True
     threshold: float = Field(default=0.85, gt=0, le=1)
