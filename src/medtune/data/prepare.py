@@ -31,7 +31,7 @@ from medtune.data.mix import plan_mix
 from medtune.data.pii import scrub_record
 from medtune.data.read import iter_source, source_name
 from medtune.data.schema import Record
-from medtune.data.validate import DuplicateIds, Rejected, RowError
+from medtune.data.validate import DuplicateIds, Rejected, RowError, check_field_lengths
 from medtune.errors import DataError, RunDirError
 
 OUTPUTS = ["train.jsonl", "eval.jsonl", "quarantine.jsonl", "duplicates.jsonl", "contaminated.jsonl"]
@@ -101,6 +101,7 @@ def _validated(
         counts.records_in += 1
         if not isinstance(item, Rejected):
             try:
+                check_field_lengths(item, cfg.data.max_field_chars)  # before its id is taken
                 ids.check(item)
             except RowError as exc:
                 item = Rejected(
