@@ -86,6 +86,10 @@ class ContaminationConfig(Section):
     ngram: int = Field(default=13, ge=3)
     """Length in words of the question-stem n-grams compared between training and eval items."""
     action: Literal["report", "remove"] = "remove"
+    recurring_stems: Literal["flag", "remove"] = "flag"
+    """A training record that repeats an eval item's stem with other options is a different item
+    that teaches the same rule: `flag` lists it (manifest and recurring_stems.jsonl) and keeps it,
+    `remove` also drops it from training (counted in `contaminated_removed`)."""
     char_ngram: int = Field(default=30, ge=8)
     """Stems with fewer than `ngram` words (most Korean stems) are compared, together with their
     options, by character n-grams of this length (spaces removed)."""

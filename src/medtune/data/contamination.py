@@ -5,12 +5,19 @@ contamination studies). Korean stems are short in words (one eojeol carries a st
 particles), so a stem with fewer than `ngram` words is compared by character n-grams (spaces
 removed) of the stem *with its options*: KorMedMCQA reuses short stems across years with different
 options (`의사가 될 수 있는 사람은?`), and those are different items.
+
+Different items, but not unrelated ones: a training record that repeats an eval item's stem with
+other options (a *recurring stem*) teaches the very rule the eval item asks about. Such pairs are
+listed (`recurring_stems`), and removed only when `recurring_stems: remove`. Same stem means equal
+after `normalise` with spaces removed (case, punctuation, spacing and NFKC forms ignored). A long
+stem never reaches that check: its n-grams alone already make it contamination.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from typing import Any
 
 from medtune.config import ContaminationConfig
 from medtune.data.dedupe import normalise
@@ -18,6 +25,8 @@ from medtune.data.schema import Record
 
 MIN_COVERAGE = 0.5
 """Share of an eval item's n-grams a training record must contain to count as contaminated."""
+MAX_LISTED_PAIRS = 50
+"""Recurring-stem pairs shown in the manifest; the prepare stage writes all of them to a side file."""
 
 
 def _key(text: str) -> int:
@@ -39,6 +48,12 @@ def stem_keys(record: Record, cfg: ContaminationConfig) -> set[int]:
     return {_key("s:" + chars)}
 
 
+def stem_key(record: Record) -> int | None:
+    """The key of a record's stem alone (None when nothing is left of it after normalising)."""
+    stem = normalise(record["question"] or record.get("prompt") or "").replace(" ", "")
+    return _key("stem:" + stem) if stem else None
+
+
 class ContaminationIndex:
     """Eval items' n-grams; `check` a training record against all of them.
 
@@ -58,6 +73,9 @@ class ContaminationIndex:
         self.hits_per_source: dict[str, int] = defaultdict(int)
         """Training records that overlap each eval source."""
         self.eval_items_hit: dict[str, set[str]] = defaultdict(set)
+        self._stems: dict[int, list[int]] = defaultdict(list)
+        """stem key -> indices of the eval items with that stem."""
+        self._recurring = _RecurringStems()
 
     def add_eval(self, record: Record) -> None:
         idx = len(self._eval_id)
@@ -67,6 +85,9 @@ class ContaminationIndex:
         self._eval_keys.append(len(keys))
         for key in keys:
             self._owners[key].append(idx)
+        stem = stem_key(record)
+        if stem is not None:
+            self._stems[stem].append(idx)
 
     def check(self, record: Record) -> list[str]:
         """Ids of the eval items this training record overlaps (empty: clean); updates the report."""
@@ -83,6 +104,21 @@ class ContaminationIndex:
             self.eval_items_hit[self._eval_source[i]].add(self._eval_id[i])
         return [self._eval_id[i] for i in hit]
 
+    def recurring_stems(self, record: Record) -> list[tuple[str, str]]:
+        """(eval source, eval id) of the eval items whose stem this training record repeats.
+
+        Call it for a record `check` found clean: then the options differ (a record with the same
+        stem and options is contamination). Updates the recurring-stem report.
+        """
+        stem = stem_key(record) if self._stems else None
+        pairs = [(self._eval_source[i], self._eval_id[i]) for i in self._stems.get(stem, ())] if stem else []
+        self._recurring.add(record["id"], pairs)
+        return pairs
+
+    def recurring_report(self) -> dict[str, Any]:
+        """Training records with a recurring stem, per eval source, and the first `MAX_LISTED_PAIRS` pairs."""
+        return self._recurring.report()
+
     def report(self) -> dict[str, dict[str, int]]:
         """Per eval source: eval items, training records that overlap it, and eval items touched."""
         counts: dict[str, int] = defaultdict(int)
@@ -95,4 +131,35 @@ class ContaminationIndex:
                 "eval_items_overlapped": len(self.eval_items_hit.get(s, ())),
             }
             for s in sorted(counts)
+        }
+
+
+class _RecurringStems:
+    """Counts of recurring-stem pairs per eval source, and the first few pairs for the manifest."""
+
+    def __init__(self) -> None:
+        self.train_records = 0
+        self.per_source: dict[str, int] = defaultdict(int)
+        self.eval_items: dict[str, set[str]] = defaultdict(set)
+        self.pairs: list[dict[str, str]] = []
+
+    def add(self, train_id: str, pairs: list[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        self.train_records += 1
+        for source in sorted({source for source, _ in pairs}):
+            self.per_source[source] += 1
+        for source, eval_id in pairs:
+            self.eval_items[source].add(eval_id)
+            if len(self.pairs) < MAX_LISTED_PAIRS:
+                self.pairs.append({"train_id": train_id, "eval_id": eval_id, "eval_source": source})
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "train_records": self.train_records,
+            "per_eval_source": {
+                s: {"train_records": n, "eval_items": len(self.eval_items[s])}
+                for s, n in sorted(self.per_source.items())
+            },
+            "pairs": self.pairs,
         }
