@@ -13,6 +13,7 @@ from medtune.data.contamination import ContaminationIndex
 from medtune.data.prepare import read_prepared, run_prepare
 from medtune.data.read import iter_source
 from medtune.data.validate import build_record
+from medtune.report.build import run_report
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared real data not found at {SHARED}")
@@ -154,7 +155,8 @@ def test_prepare_flags_or_removes_recurring_stems(tmp_path, action):
             },
         }
     )
-    manifest = run_prepare(cfg, tmp_path / "out")
+    out = tmp_path / "run" / "prepare"
+    manifest = run_prepare(cfg, out)
     removed = action == "remove"
     recurring = manifest["contamination"]["recurring_stems"]
     assert recurring == {
@@ -167,10 +169,15 @@ def test_prepare_flags_or_removes_recurring_stems(tmp_path, action):
             {"train_id": "bank:train:en_other", "eval_id": "exam:eval:en1", "eval_source": "exam"},
         ],
     }
-    lines = [json.loads(x) for x in (tmp_path / "out" / "recurring_stems.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / "recurring_stems.jsonl").read_text().splitlines()]
     assert lines == [dict(p, removed=removed) for p in recurring["pairs"]]
     assert "recurring_stems.jsonl" in manifest["files"]
-    kept = {r["id"].split(":")[-1] for r in read_prepared(tmp_path / "out", "train")}
+    kept = {r["id"].split(":")[-1] for r in read_prepared(out, "train")}
     assert kept == ({"clean"} if removed else {"clean", "ko_other", "en_other"})  # ko_copy: contamination
     counts = manifest["sources"]["train/bank"]
     assert counts["contaminated_removed"] == (3 if removed else 1)
+    page = (run_report(tmp_path / "run", tmp_path / "report") / "report.md").read_text(encoding="utf-8")
+    overlap = page.split("### Eval/train overlap")[1].split("###")[0]
+    assert "| exam | 2 | 1 | 2 |" in overlap  # eval items, near-copies, recurring stems
+    assert f"action {action}, 2 training records" in overlap
+    assert "| bank:train:ko_other | exam:eval:ko1 | exam |" in overlap
