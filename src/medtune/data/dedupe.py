@@ -88,7 +88,7 @@ def shingle_hashes(normalised: str, k: int) -> Iterator[np.ndarray]:
     emitted = False
     for words in _word_chunks(normalised):
         hashes = np.fromiter((zlib.crc32(w.encode()) for w in words), dtype=np.uint32, count=len(words))
-        pending = np.concatenate([pending, hashes])
+        pending = np.concatenate([pending, hashes]) if len(pending) else hashes
         if len(pending) <= (k - 1 if emitted else k):
             continue
         yield _kgram_hashes(pending, k)
