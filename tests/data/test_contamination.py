@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from medtune.config import ContaminationConfig, SourceConfig, validate_config
-from medtune.data.contamination import ContaminationIndex
+from medtune.data.contamination import RECURRING_JACCARD, ContaminationIndex, short_stem_grams
 from medtune.data.prepare import read_prepared, run_prepare
 from medtune.data.read import iter_source
 from medtune.data.validate import build_record
@@ -124,6 +126,60 @@ def test_recurring_stem_with_other_options_is_listed_not_contamination():
             {"train_id": "train:x:2", "eval_id": "mmlu:x:2", "eval_source": "mmlu"},
         ],
     }
+
+
+@pytest.mark.parametrize(
+    "eval_stem,train_stem,same",
+    [
+        # a KorMedMCQA law item, asked again with the act named (char 5-gram Jaccard 0.86)
+        (
+            "「의료법」상 250병상을 갖춘 종합병원에 반드시 설치하여야 하는 진료과목은?",
+            "250병상을 갖춘 종합병원에 반드시 설치하여야 하는 진료과목은?",
+            True,
+        ),
+        # MMLU and MedMCQA: one stem in British and American spelling (0.80)
+        (
+            "Which of the following is not a tumour suppressor gene?",
+            "Which of the following is not a tumor suppressor gene?",
+            True,
+        ),
+        # the same frame about two different lesions is not one stem (0.67)
+        ("골육종에 관한 설명으로 옳은 것은?", "혈관종에 관한 설명으로 옳은 것은?", False),
+        (
+            "Which of the following statements is false?",
+            "Which of the following statements is false about apoptosis?",
+            False,
+        ),
+    ],
+)
+def test_near_same_short_stems_recur(eval_stem, train_stem, same):
+    idx = index(rec("exam", 1, eval_stem, ["대동맥판막 협착", "승모판막 역류", "심방세동", "심낭염"]))
+    train = rec("train", 1, train_stem, ["Apoptosis", "Necrosis", "Autophagy", "Pyroptosis"])
+    assert idx.check(train) == []
+    assert idx.recurring_stems(train) == ([("exam", "exam:x:1")] if same else [])
+
+
+STEMS = st.text(alphabet="abc 가나", min_size=1, max_size=14).filter(str.strip)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    evals=st.lists(STEMS, min_size=1, max_size=12),
+    train=STEMS,
+)
+def test_recurring_stems_match_a_brute_force_jaccard(evals, train):
+    """The prefix-filtered index finds exactly the eval stems a full pairwise comparison finds."""
+    idx = index(*[rec("exam", i, q, ["o1", "o2"]) for i, q in enumerate(evals)])
+    record = rec("train", 0, train, ["o3", "o4"])
+    grams = short_stem_grams(record, ContaminationConfig())
+    expected = []
+    for i, q in enumerate(evals):
+        other = short_stem_grams(rec("exam", i, q, ["o1", "o2"]), ContaminationConfig())
+        if grams and other:
+            shared = len(grams & other)
+            if shared >= RECURRING_JACCARD * len(grams | other):
+                expected.append(("exam", f"exam:x:{i}"))
+    assert idx.recurring_stems(record) == expected
 
 
 def _write(path: Path, rows: list[tuple[str, str, list[str]]]) -> Path:
