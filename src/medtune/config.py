@@ -87,9 +87,10 @@ class ContaminationConfig(Section):
     """Length in words of the question-stem n-grams compared between training and eval items."""
     action: Literal["report", "remove"] = "remove"
     recurring_stems: Literal["flag", "remove"] = "flag"
-    """A training record that repeats an eval item's stem with other options is a different item
-    that teaches the same rule: `flag` lists it (manifest and recurring_stems.jsonl) and keeps it,
-    `remove` also drops it from training (counted in `contaminated_removed`)."""
+    """A training record that repeats an eval item's short stem (or nearly: character 5-gram Jaccard
+    >= 0.75) with other options is a different item that teaches the same rule: `flag` lists it
+    (manifest and recurring_stems.jsonl) and keeps it, `remove` also drops it from training
+    (counted in `contaminated_removed`)."""
     char_ngram: int = Field(default=30, ge=8)
     """Stems with fewer than `ngram` words (most Korean stems) are compared, together with their
     options, by character n-grams of this length (spaces removed)."""
