@@ -120,9 +120,10 @@ class DataConfig(Section):
     max_field_chars: int = Field(default=100_000, ge=1)
     """Quarantine a record with any text field (question, an option, context, explanation, prompt,
     response) longer than this. The longest field in the bundled public sets is 4,671 chars (an MMLU
-    reading passage); 100,000 chars is ~25,000 tokens, past the context the small models here train
-    with, and a field that long is usually a broken row (an unclosed CSV quote swallows the rest of
-    the file into one cell). It also bounds the memory every later stage spends on one record."""
+    reading passage); 100,000 chars is 25,000 (English) to 100,000 (Korean) tokens, past the context
+    the small models here train with, and a field that long is usually a broken row (an unclosed CSV
+    quote swallows the rest of the file into one cell). It also bounds the memory every later stage
+    spends on one record."""
 
 
 class ModelConfig(Section):
