@@ -66,6 +66,13 @@ class SourceConfig(Section):
 
 
 class DedupeConfig(Section):
+    """Exact and near-duplicate removal (data/dedupe.py).
+
+    Near-duplicate memory per record does not grow with `num_perm` x field size: shingles are
+    permuted 2,048 at a time (about 1 MiB per temporary at 128 permutations); the text itself is
+    bounded by `data.max_field_chars`.
+    """
+
     exact: bool = True
     near: bool = True
     threshold: float = Field(default=0.85, gt=0, le=1)
@@ -79,6 +86,11 @@ class ContaminationConfig(Section):
     ngram: int = Field(default=13, ge=3)
     """Length in words of the question-stem n-grams compared between training and eval items."""
     action: Literal["report", "remove"] = "remove"
+    recurring_stems: Literal["flag", "remove"] = "flag"
+    """A training record that repeats an eval item's short stem (or nearly: character 5-gram Jaccard
+    >= 0.75) with other options is a different item that teaches the same rule: `flag` lists it
+    (manifest and recurring_stems.jsonl) and keeps it, `remove` also drops it from training
+    (counted in `contaminated_removed`)."""
     char_ngram: int = Field(default=30, ge=8)
     """Stems with fewer than `ngram` words (most Korean stems) are compared, together with their
     options, by character n-grams of this length (spaces removed)."""
@@ -105,6 +117,13 @@ class DataConfig(Section):
     contamination: ContaminationConfig = Field(default_factory=ContaminationConfig)
     scrub_pii: bool = True
     min_question_chars: int = Field(default=1, ge=1)
+    max_field_chars: int = Field(default=100_000, ge=1)
+    """Quarantine a record with any text field (question, an option, context, explanation, prompt,
+    response) longer than this. The longest field in the bundled public sets is 4,671 chars (an MMLU
+    reading passage); 100,000 chars is 25,000 (English) to 100,000 (Korean) tokens, past the context
+    the small models here train with, and a field that long is usually a broken row (an unclosed CSV
+    quote swallows the rest of the file into one cell). It also bounds the memory every later stage
+    spends on one record."""
 
 
 class ModelConfig(Section):

@@ -3,11 +3,15 @@ reused stems with different options are kept."""
 
 from __future__ import annotations
 
+import random
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medtune.config import DedupeConfig, SourceConfig
+from medtune.data import dedupe
 from medtune.data.dedupe import Deduper, normalise
 from medtune.data.read import iter_source
 from medtune.data.validate import build_record
@@ -99,3 +103,42 @@ def test_exact_match_ignores_case_punctuation_and_spacing():
 def test_first_occurrence_wins_in_order():
     a, b = mcqa(1, "Same question text here?", ["x", "y"]), mcqa(2, "Same question text here?", ["x", "y"])
     assert run([b, a]) == [("t:train:1", "exact", "t:train:2")]
+
+
+def word_text(chars: int, seed: int = 0) -> str:
+    """About `chars` characters of space-separated words from a 5,000-word vocabulary."""
+    rng = random.Random(seed)
+    return " ".join(f"w{rng.randrange(5000)}" for _ in range(chars // 6))
+
+
+def test_near_dup_memory_for_a_multi_megabyte_field_is_bounded():
+    # Before: every shingle x num_perm uint32 was materialised at once, ~345 MB for this 2 MB field
+    # (2.7 GB for 5 MB). Now the permutations run over bounded batches: what is left grows with the
+    # text by a small constant (normalising it peaks at ~15 bytes a character), not by num_perm.
+    text = word_text(2_000_000)
+    record = mcqa(1, text, ["a", "b"])
+    deduper = Deduper(DedupeConfig())
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc too
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        assert deduper.check(record) is None
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * len(text) + 16 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "short text",
+        "one two three four five",
+        word_text(3_000, seed=1),
+        "x" * 500 + " tail of words here and more",
+    ],
+)
+def test_signature_does_not_depend_on_how_the_text_is_batched(monkeypatch, text):
+    reference = Deduper(DedupeConfig()).signature(normalise(text))
+    monkeypatch.setattr(dedupe, "WORD_CHUNK_CHARS", 7)
+    monkeypatch.setattr(dedupe, "SHINGLE_BATCH", 3)
+    assert np.array_equal(Deduper(DedupeConfig()).signature(normalise(text)), reference)

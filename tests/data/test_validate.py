@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medtune.config import validate_config
+from medtune.config import DataConfig, validate_config
 from medtune.data.prepare import run_prepare
 from medtune.data.validate import RowError, normalise_answer
 from medtune.errors import DataError
@@ -69,13 +69,14 @@ def _csv(rows: list[tuple[dict, str]]) -> bytes:
     return data
 
 
-def _prepare(path: Path, out: Path) -> dict:
+def _prepare(path: Path, out: Path, **data) -> dict:
     cfg = validate_config(
         {
             "model": {"path": str(out / "no-model")},
             "data": {
                 "train": [{"path": str(path), "name": "gen"}],
                 "dedupe": {"exact": False, "near": False},
+                **data,
             },
         }
     )
@@ -129,6 +130,30 @@ def test_all_rows_bad_is_a_data_error_not_an_empty_dataset(tmp_path):
     with pytest.raises(DataError, match="no training records survived"):
         _prepare(tmp_path / "bad.jsonl", tmp_path / "out")
     assert "not among the 2 options" in (tmp_path / "out" / "quarantine.jsonl").read_text()
+
+
+def test_a_field_over_max_field_chars_is_quarantined_naming_field_and_length(tmp_path):
+    rows = [
+        {"id": "fits", "question": "q" * 5000, "options": ["a", "b"], "answer": "A"},
+        {"id": "long_q", "question": "q" * 5001, "options": ["a", "b"], "answer": "A"},
+        {"id": "long_opt", "question": "q", "options": ["a", "b" * 9000], "answer": "A"},
+        {"id": "long_resp", "prompt": "p", "response": "r" * 6000},
+    ]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = _prepare(path, tmp_path / "out", max_field_chars=5000)
+    reasons = {
+        q["id"]: q["reason"]
+        for q in map(json.loads, (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines())
+    }
+    assert reasons == {
+        "gen:train:long_q": "field too long: question has 5,001 chars (data.max_field_chars: 5,000)",
+        "gen:train:long_opt": "field too long: option B has 9,000 chars (data.max_field_chars: 5,000)",
+        "gen:train:long_resp": "field too long: response has 6,000 chars (data.max_field_chars: 5,000)",
+    }
+    counts = manifest["sources"]["train/gen"]
+    assert (counts["kept"], counts["quarantine_reasons"]) == (1, {"field too long": 3})
+    assert DataConfig().max_field_chars == 100_000
 
 
 @pytest.mark.parametrize(

@@ -31,10 +31,17 @@ from medtune.data.mix import plan_mix
 from medtune.data.pii import scrub_record
 from medtune.data.read import iter_source, source_name
 from medtune.data.schema import Record
-from medtune.data.validate import DuplicateIds, Rejected, RowError
+from medtune.data.validate import DuplicateIds, Rejected, RowError, check_field_lengths
 from medtune.errors import DataError, RunDirError
 
-OUTPUTS = ["train.jsonl", "eval.jsonl", "quarantine.jsonl", "duplicates.jsonl", "contaminated.jsonl"]
+OUTPUTS = [
+    "train.jsonl",
+    "eval.jsonl",
+    "quarantine.jsonl",
+    "duplicates.jsonl",
+    "contaminated.jsonl",
+    "recurring_stems.jsonl",
+]
 SPOOL = "train.candidates.jsonl"
 TokenCounter = Callable[[Record], int]
 
@@ -62,6 +69,7 @@ class Collected:
     candidates: Candidates
     eval_records: list[Record]
     contamination: dict[str, dict[str, int]]
+    recurring_stems: dict[str, Any]
 
 
 class _Sinks:
@@ -71,10 +79,11 @@ class _Sinks:
         self.quarantine: IO[str] = (out_dir / "quarantine.jsonl").open("w", encoding="utf-8")
         self.duplicates: IO[str] = (out_dir / "duplicates.jsonl").open("w", encoding="utf-8")
         self.contaminated: IO[str] = (out_dir / "contaminated.jsonl").open("w", encoding="utf-8")
+        self.recurring: IO[str] = (out_dir / "recurring_stems.jsonl").open("w", encoding="utf-8")
         self.spool: IO[bytes] = (out_dir / SPOOL).open("wb")
 
     def close(self) -> None:
-        for f in (self.quarantine, self.duplicates, self.contaminated, self.spool):
+        for f in (self.quarantine, self.duplicates, self.contaminated, self.recurring, self.spool):
             f.close()
 
 
@@ -101,6 +110,7 @@ def _validated(
         counts.records_in += 1
         if not isinstance(item, Rejected):
             try:
+                check_field_lengths(item, cfg.data.max_field_chars)  # before its id is taken
                 ids.check(item)
             except RowError as exc:
                 item = Rejected(
@@ -179,7 +189,7 @@ def collect(cfg: RunConfig, out_dir: Path, count_tokens: TokenCounter | None = N
         sinks.close()
     for name, c in counts.items():
         c.check(name)
-    return Collected(counts, cands, eval_records, index.report())
+    return Collected(counts, cands, eval_records, index.report(), index.recurring_report())
 
 
 def _admit_train(
@@ -203,6 +213,9 @@ def _admit_train(
         if removed:
             c.contaminated_removed += 1
             return
+    elif _recurring_stem_removed(rec, cfg, index, sinks):
+        c.contaminated_removed += 1
+        return
     c.kept += 1
     c.languages[rec["language"]] += 1
     cands.offsets.append(sinks.spool.tell())
@@ -212,6 +225,16 @@ def _admit_train(
     cands.strata.append(stratum)
     cands.sources.append(rec["source"])
     cands.tokens.append(count_tokens(rec) if count_tokens else 1)
+
+
+def _recurring_stem_removed(rec: Record, cfg: RunConfig, index: ContaminationIndex, sinks: _Sinks) -> bool:
+    """List the eval items whose stem this record repeats with other options; True if it must go."""
+    removed = cfg.data.contamination.recurring_stems == "remove"
+    pairs = index.recurring_stems(rec)
+    for source, eval_id in pairs:
+        line = {"train_id": rec["id"], "eval_id": eval_id, "eval_source": source, "removed": removed}
+        sinks.recurring.write(dump_line(line))
+    return removed and bool(pairs)
 
 
 def training_text(record: Record) -> str:
@@ -286,7 +309,15 @@ def run_prepare(cfg: RunConfig, out_dir: Path, count_tokens: TokenCounter | None
             "excluded_languages": mix.excluded,
             "total_reduced": mix.total_reduced,
         },
-        "contamination": {"action": cfg.data.contamination.action, "per_eval_source": got.contamination},
+        "contamination": {
+            "action": cfg.data.contamination.action,
+            "per_eval_source": got.contamination,
+            "recurring_stems": {
+                "action": cfg.data.contamination.recurring_stems,
+                "file": "recurring_stems.jsonl",
+                **got.recurring_stems,
+            },
+        },
         "files": output_hashes(out_dir, OUTPUTS),
     }
     write_json(out_dir / MANIFEST_NAME, manifest)

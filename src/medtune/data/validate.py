@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -133,6 +134,29 @@ def build_record(
         response=None if is_mcqa else r,
         provenance=provenance,
     )
+
+
+def _text_fields(record: Record) -> Iterator[tuple[str, str]]:
+    """(name, text) of every text field of a record, options named by their letter."""
+    for name in ("prompt", "question"):
+        yield name, record.get(name) or ""
+    for letter, option in zip(LETTERS, record["options"], strict=False):
+        yield f"option {letter}", option
+    for name in ("context", "explanation", "response"):
+        yield name, record.get(name) or ""
+
+
+def check_field_lengths(record: Record, max_chars: int) -> None:
+    """Raise `RowError` naming the first text field longer than `max_chars` (`data.max_field_chars`).
+
+    No exam item or instruction needs that much text, a broken row often has it, and every later
+    stage (PII scrub, dedupe, contamination, tokenising) costs memory in proportion to one field.
+    """
+    for name, text in _text_fields(record):
+        if len(text) > max_chars:
+            raise RowError(
+                f"field too long: {name} has {len(text):,} chars (data.max_field_chars: {max_chars:,})"
+            )
 
 
 class DuplicateIds:

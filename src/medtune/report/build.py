@@ -274,12 +274,53 @@ def _data_section(doc: Doc, prepare_dir: Path) -> None:
         ]
         doc.add("h3", f"Language mix (by {mix.get('by', '?')})")
         doc.add("table", Table(["language", "target share", "achieved share", "amount"], rows))
-    rest = {k: v for k, v in manifest.items() if k not in ("sources", "files", "mix", "stage", "config_hash")}
+    _overlap_section(doc, manifest.get("contamination"), prepare_dir)
+    skip = ("sources", "files", "mix", "stage", "config_hash", "contamination")
+    rest = {k: v for k, v in manifest.items() if k not in skip}
     rows = [[k, _fmt_value(v)] for k, v in _flatten(rest)]
     if rows:
         doc.add("h3", "Totals and filters")
         doc.add("table", Table(["figure", "value"], rows[:60]))
     doc.add("p", "All figures: " + doc.link(prepare_dir / "manifest.json", "prepare/manifest.json") + ".")
+
+
+def _overlap_section(doc: Doc, contamination: Any, prepare_dir: Path) -> None:
+    """Eval/train overlap per eval source: near-copies, and recurring stems where the manifest has them."""
+    if not isinstance(contamination, dict) or not isinstance(contamination.get("per_eval_source"), dict):
+        return
+    recurring = contamination.get("recurring_stems") or {}
+    per_stem = recurring.get("per_eval_source") or {}
+    rows = []
+    for name, c in contamination["per_eval_source"].items():
+        c = c if isinstance(c, dict) else {}
+        stems = per_stem.get(name) or {}
+        rows.append(
+            [
+                name,
+                _fmt_value(c.get("eval_items", "–")),
+                _fmt_value(c.get("train_records_overlapping", "–")),
+                _fmt_value(stems.get("train_records", 0) if recurring else "–"),
+            ]
+        )
+    doc.add("h3", "Eval/train overlap")
+    headers = ["eval source", "eval items", "train near-copies", "train recurring stems"]
+    doc.add("table", Table(headers, rows))
+    text = f"Near-copies of eval items: action {contamination.get('action', '?')}."
+    if recurring:
+        link = doc.link(prepare_dir / str(recurring.get("file", "recurring_stems.jsonl")), "every pair")
+        text += (
+            f" Recurring stems, an eval item's stem with other options: action "
+            f"{recurring.get('action', '?')}, {_fmt_value(recurring.get('train_records'))} training "
+            f"records; {link}."
+        )
+    doc.add("p", text)
+    pairs = [p for p in recurring.get("pairs") or [] if isinstance(p, dict)]
+    if pairs:
+        keys = ("train_id", "eval_id", "eval_source")
+        doc.add(
+            "table",
+            Table(["train id", "eval id", "eval source"], [[str(p.get(k)) for k in keys] for p in pairs]),
+        )
 
 
 def _sources_table(sources: dict[str, Any]) -> Table:
