@@ -28,7 +28,15 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    """One input file or folder and how to read it."""
+    """One input file or folder and how to read it.
+
+    `format` decides how files are read; only `auto` guesses, from the extension and the first
+    rows. A file named directly is read as its declared format whatever its extension (`a.txt` with
+    `format: jsonl`); a folder with a generic format reads the files of that format (`*.jsonl`,
+    `*.csv`, `*.parquet`/`*.pq`...) and refuses to silently skip data files of another format.
+    `json` and `jsonl` read either shape: one JSON document (a list, an object keyed by id) or one
+    object per line, whichever the file holds.
+    """
 
     path: Path
     """A file or a folder (KorMedMCQA's per-profession CSVs, MMLU's per-subject CSVs). Relative paths
@@ -63,6 +71,22 @@ class SourceConfig(Section):
     Without a header, `fields` name columns by 0-based position (`question: "0"`)."""
     answer_index_base: Literal[0, 1] = 0
     """How an integer `answer` counts options in a user's own file: 0 (0 = A) or 1 (1 = A)."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV/TSV/JSON files, e.g. `cp949` (= euc-kr, Korean Excel) or `utf-16`; a
+    UTF-8 BOM is accepted under the default. A file plainly in another encoding (most lines do not
+    decode, and UTF-8, cp949 or UTF-16 reads them) is one error naming the file and that encoding;
+    a few bad lines in a good file are quarantined one by one."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_text_encoding(cls, v: str) -> str:
+        try:
+            "".encode(v)  # also refuses codecs that are not text encodings (rot13, base64)
+        except (LookupError, ValueError):
+            raise ValueError(
+                f"unknown text encoding {v[:40]!r} (e.g. utf-8, cp949, euc-kr, utf-16, latin-1)"
+            ) from None
+        return v
 
 
 class DedupeConfig(Section):
