@@ -91,7 +91,12 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> list[str]:
     if problem:
         raise DataError(f"{path}: {problem}")
     decoder = codecs.getincrementaldecoder(_codec(encoding))(errors="surrogateescape")
-    text = decoder.decode(head, final=complete).lstrip("\ufeff")
+    try:
+        text = decoder.decode(head, final=complete).lstrip("\ufeff")
+    except UnicodeError as exc:  # not a byte the error handler can take: plain `utf-16` needs its BOM
+        raise DataError(
+            f"{path}: not {encoding} text ({exc}); set `encoding:` to the file's encoding"
+        ) from None
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if not complete:
         lines.pop()  # cut by the head window
