@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def load_or_config_error(path: Path, overrides: dict | None = None) -> None:
     try:
         cfg = load_config(path, overrides)
     except ConfigError as exc:
-        assert str(path) in str(exc) or any(f"override {k[:100]}" in str(exc) for k in overrides or {}), exc
+        # names the config file, or starts with the key at fault (`data.train.0.path: ...`)
+        assert str(path) in str(exc) or re.match(r"(override )?[\w.]+: ", str(exc)), exc
         return
     assert isinstance(cfg, RunConfig)
     dump_config(cfg)  # a loaded config can always be shown
