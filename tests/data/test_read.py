@@ -339,6 +339,10 @@ def test_utf16_and_utf8_bom_files(tmp_path):
     with pytest.raises(DataError, match=r"u16\.csv.*encoding: utf-16"):
         read(tmp_path / "u16.csv")
     assert len(read(tmp_path / "u16.csv", encoding="utf-16")[0]) == 6
+    (tmp_path / "le.jsonl").write_bytes(KO_JSONL.encode("utf-16-le"))  # no BOM
+    with pytest.raises(DataError, match=r"le\.jsonl.*encoding: utf-16-le"):
+        read(tmp_path / "le.jsonl")
+    assert len(read(tmp_path / "le.jsonl", encoding="utf-16-le")[0]) == 6
     (tmp_path / "bom.jsonl").write_bytes(KO_JSONL.encode("utf-8-sig"))
     assert len(read(tmp_path / "bom.jsonl")[0]) == 6
 

@@ -78,9 +78,10 @@ def open_text(path: Path, encoding: str, newline: str | None = None) -> IO[str]:
 def check_text_file(path: Path, encoding: str = "utf-8") -> list[str]:
     """The non-blank lines of the file's head, once the file passed the whole-file checks.
 
-    Raises `DataError` for a missing, empty or binary file, and for one whose lines mostly do not
-    decode with `encoding` (the message suggests the encoding it looks like). A minority of bad
-    lines is left to the row readers, which quarantine them one by one.
+    Raises `DataError` for a missing, empty or binary file (UTF-16 under another `encoding`
+    included), and for one whose lines mostly do not decode with `encoding` but do with UTF-8 or
+    cp949 (the message names it). Other bad lines are left to the row readers, which quarantine
+    them one by one.
     """
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -122,14 +123,26 @@ def _binary_problem(head: bytes, encoding: str) -> str | None:
     window = head[:BINARY_WINDOW]
     if _wide(encoding) or b"\x00" not in window:
         return None
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or max(
-        window[::2].count(0), window[1::2].count(0)
-    ) * 4 > len(window):
-        return "is UTF-16 text, not UTF-8: set `encoding: utf-16` on this source, or re-save it as UTF-8"
+    wide = _utf16_flavour(window)
+    if wide:
+        return (
+            f"is UTF-16 text, not {encoding}: set `encoding: {wide}` on this source, or re-save it as UTF-8"
+        )
     return (
         f"binary content, not text (a NUL byte at offset {window.index(0)}); "
         "check that this is the data file and that `format:` names its format"
     )
+
+
+def _utf16_flavour(window: bytes) -> str | None:
+    """`utf-16` with a BOM; without one, the byte order whose high bytes are the NULs of ASCII text."""
+    if window.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if window[1::2].count(0) * 4 > len(window):
+        return "utf-16-le"
+    if window[::2].count(0) * 4 > len(window):
+        return "utf-16-be"
+    return None
 
 
 def _likely_encoding(sample: bytes, declared: str) -> str | None:
