@@ -171,7 +171,7 @@ def _check_no_other_data(path: Path, split: str | None, fmt: str) -> None:
 # ---------------------------------------------------------------- generic formats
 
 
-def file_rows(path: Path, fmt: str, src: SourceConfig, known: set[str] = KNOWN_COLUMNS) -> Rows:
+def _file_rows(path: Path, fmt: str, src: SourceConfig) -> Rows:
     """The rows of one file read as generic format `fmt`, whatever the file is called."""
     if fmt in ("jsonl", "json"):
         # An object keyed by id (PubMedQA-style) gives each row its key as `id`.
@@ -180,6 +180,8 @@ def file_rows(path: Path, fmt: str, src: SourceConfig, known: set[str] = KNOWN_C
             for n, key, obj in iter_json(path, src.encoding)
         )
     if fmt in ("csv", "tsv"):
+        # Column names that tell a header row from a data row, when `header:` is not given.
+        known = KNOWN_COLUMNS | {c for v in src.fields.values() for c in ([v] if isinstance(v, str) else v)}
         return iter_csv(path, "\t" if fmt == "tsv" else ",", src.header, known, src.encoding)
     return iter_parquet(path)
 
@@ -199,11 +201,10 @@ def _rows_to_records(rows: Rows, path: Path, ctx: dict[str, Any]) -> Iterator[It
 
 
 def _read_generic(src: SourceConfig, ctx: dict[str, Any], fmt: str) -> Iterator[Item]:
-    known = KNOWN_COLUMNS | {c for v in src.fields.values() for c in ([v] if isinstance(v, str) else v)}
     if src.path.is_dir():
         _check_no_other_data(src.path, src.split, fmt)
     for path in data_files(src.path, src.split, GENERIC_SUFFIXES[fmt]):
-        yield from _rows_to_records(file_rows(path, fmt, src, known), path, ctx)
+        yield from _rows_to_records(_file_rows(path, fmt, src), path, ctx)
 
 
 # ---------------------------------------------------------------- layouts
@@ -306,7 +307,7 @@ def _read_mmlu(src: SourceConfig, ctx: dict[str, Any]) -> Iterator[Item]:
 def _read_medmcqa(src: SourceConfig, ctx: dict[str, Any]) -> Iterator[Item]:
     for path in data_files(src.path, src.split, _LAYOUT_SUFFIXES["medmcqa"]):
         c = {**ctx, "split": _split_of(path, ctx["split"])}
-        yield from _rows_to_records(map(_strip_choice_letters, file_rows(path, "json", src)), path, c)
+        yield from _rows_to_records(map(_strip_choice_letters, _file_rows(path, "json", src)), path, c)
 
 
 def _strip_choice_letters(item: tuple[int, Row | str]) -> tuple[int, Row | str]:
@@ -327,7 +328,6 @@ def _read_by_split(src: SourceConfig, ctx: dict[str, Any]) -> Iterator[Item]:
     MedQA files are JSON (lines or one array); GenMedGPT's Korean half is a CSV of `input,output`.
     """
     fmt = ctx["format"]
-    known = KNOWN_COLUMNS | {c for v in src.fields.values() for c in ([v] if isinstance(v, str) else v)}
     for path in data_files(src.path, src.split, _LAYOUT_SUFFIXES[fmt]):
         c = {**ctx, "split": _split_of(path, ctx["split"])}
         file_fmt = "json"
@@ -336,7 +336,7 @@ def _read_by_split(src: SourceConfig, ctx: dict[str, Any]) -> Iterator[Item]:
         elif _SUFFIX_FORMAT.get(path.suffix.lower()) in ("csv", "tsv"):
             file_fmt = _SUFFIX_FORMAT[path.suffix.lower()]
             c["fields"] = {"prompt": "input", "response": "output", **src.fields}
-        yield from _rows_to_records(file_rows(path, file_fmt, src, known), path, c)
+        yield from _rows_to_records(_file_rows(path, file_fmt, src), path, c)
 
 
 _LAYOUTS = {
