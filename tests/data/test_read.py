@@ -408,3 +408,12 @@ def test_empty_header_only_and_not_json_files_are_one_error(tmp_path, name, text
         return
     with pytest.raises(DataError, match=rf"{name}.*{message}"):
         read(tmp_path / name)
+
+
+def test_empty_parquet_is_one_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    with pytest.raises(DataError, match=r"none\.parquet: holds no rows"):
+        read(tmp_path / "none.parquet")
