@@ -55,19 +55,6 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, body))
 
 
-def test_overrides_use_dotted_keys_and_are_validated(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE)
-    assert load_config(path, {"train.max_steps": 7}).train.max_steps == 7
-    with pytest.raises(ConfigError, match="train.max_steps"):
-        load_config(path, {"train.max_steps": 0})
-
-
-def test_config_hash_changes_with_any_value(tmp_path: Path) -> None:
-    path = write(tmp_path, BASE)
-    assert load_config(path).config_hash() == load_config(path).config_hash()
-    assert load_config(path).config_hash() != load_config(path, {"seed": 1}).config_hash()
-
-
 # ---------------------------------------------------------------- hostile configs (hypothesis)
 
 HUGE_INT = "1" + "0" * 5000  # past Python's int/str digit limit
@@ -160,3 +147,16 @@ def test_overrides_through_a_non_mapping_are_a_config_error(key: str, value: obj
         raw = {**BASE, "train": section} if section is not None else BASE
         (Path(tmp) / "run.yaml").write_text(_dump(raw))
         load_or_config_error(Path(tmp) / "run.yaml", {key: value})
+
+
+def test_overrides_use_dotted_keys_and_are_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(path, {"train.max_steps": 7}).train.max_steps == 7
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(path, {"train.max_steps": 0})
+
+
+def test_config_hash_changes_with_any_value(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE)
+    assert load_config(path).config_hash() == load_config(path).config_hash()
+    assert load_config(path).config_hash() != load_config(path, {"seed": 1}).config_hash()
