@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
-from medtune.config import dump_config, load_config
+from medtune.config import RunConfig, SourceConfig, dump_config, load_config
 from medtune.errors import ConfigError
 
 
@@ -47,6 +53,100 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
     body = {**BASE, "data": {"train": [{"path": "nope.jsonl"}]}}
     with pytest.raises(ConfigError, match=r"data\.train\.0\.path: no such file.*nope\.jsonl"):
         load_config(write(tmp_path, body))
+
+
+# ---------------------------------------------------------------- hostile configs (hypothesis)
+
+HUGE_INT = "1" + "0" * 5000  # past Python's int/str digit limit
+
+
+def known_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, sources as `data.train.0.<key>`."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            keys += known_keys(inner, f"{key}.")
+    return keys + [f"data.train.0.{name}" for name in SourceConfig.model_fields]
+
+
+def _dump(raw: dict) -> str:
+    return yaml.safe_dump(raw, allow_unicode=True).replace(f"'{HUGE_INT}'", HUGE_INT)
+
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+    | st.sampled_from([HUGE_INT, "", "-1", "0", "auto", "a\x00b", "x" * 5000, "../../etc", "~/m"]),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=8,
+)
+PROPERTY = settings(max_examples=80, deadline=None)
+
+
+def load_or_config_error(path: Path, overrides: dict | None = None) -> None:
+    try:
+        cfg = load_config(path, overrides)
+    except ConfigError as exc:
+        # names the config file, or starts with the key at fault (`data.train.0.path: ...`)
+        assert str(path) in str(exc) or re.match(r"(override )?[\w.]+: ", str(exc)), exc
+        return
+    assert isinstance(cfg, RunConfig)
+    dump_config(cfg)  # a loaded config can always be shown
+    cfg.config_hash()
+
+
+def _folder() -> tempfile.TemporaryDirectory:
+    tmp = tempfile.TemporaryDirectory()
+    (Path(tmp.name) / "d.jsonl").write_text("{}\n")
+    (Path(tmp.name) / "m").mkdir()
+    (Path(tmp.name) / "m" / "config.json").write_text("{}")
+    return tmp
+
+
+@PROPERTY
+@given(data=st.binary(max_size=500) | st.text(max_size=500).map(str.encode))
+def test_any_file_is_a_config_or_a_config_error(data: bytes) -> None:
+    with _folder() as tmp:
+        (Path(tmp) / "run.yaml").write_bytes(data)
+        load_or_config_error(Path(tmp) / "run.yaml")
+
+
+@PROPERTY
+@given(key=st.sampled_from(known_keys()), value=values, as_override=st.booleans())
+def test_any_value_at_a_known_key_is_valid_or_a_config_error(
+    key: str, value: object, as_override: bool
+) -> None:
+    raw = copy.deepcopy(BASE)
+    if not as_override:
+        node: object = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+        node[leaf] = value  # type: ignore[index]
+    with _folder() as tmp:
+        (Path(tmp) / "run.yaml").write_text(_dump(raw))
+        load_or_config_error(Path(tmp) / "run.yaml", {key: value} if as_override else None)
+
+
+@PROPERTY
+@given(
+    key=st.lists(st.sampled_from(["data", "train", "0", "path", "mix", "x", ""]), min_size=1, max_size=4).map(
+        ".".join
+    ),
+    value=values,
+    section=st.sampled_from([None, 5, "text", [1, 2]]),
+)
+def test_overrides_through_a_non_mapping_are_a_config_error(key: str, value: object, section: object) -> None:
+    with _folder() as tmp:
+        raw = {**BASE, "train": section} if section is not None else BASE
+        (Path(tmp) / "run.yaml").write_text(_dump(raw))
+        load_or_config_error(Path(tmp) / "run.yaml", {key: value})
 
 
 def test_overrides_use_dotted_keys_and_are_validated(tmp_path: Path) -> None:

@@ -28,7 +28,15 @@ class Section(BaseModel):
 
 
 class SourceConfig(Section):
-    """One input file or folder and how to read it."""
+    """One input file or folder and how to read it.
+
+    `format` decides how files are read; only `auto` guesses, from the extension and the first
+    rows. A file named directly is read as its declared format whatever its extension (`a.txt` with
+    `format: jsonl`); a folder with a generic format reads the files of that format (`*.jsonl`,
+    `*.csv`, `*.parquet`/`*.pq`...) and refuses to silently skip data files of another format.
+    `json` and `jsonl` read either shape: one JSON document (a list, an object keyed by id) or one
+    object per line, whichever the file holds.
+    """
 
     path: Path
     """A file or a folder (KorMedMCQA's per-profession CSVs, MMLU's per-subject CSVs). Relative paths
@@ -63,6 +71,22 @@ class SourceConfig(Section):
     Without a header, `fields` name columns by 0-based position (`question: "0"`)."""
     answer_index_base: Literal[0, 1] = 0
     """How an integer `answer` counts options in a user's own file: 0 (0 = A) or 1 (1 = A)."""
+    encoding: str = "utf-8"
+    """Text encoding of CSV/TSV/JSON files, e.g. `cp949` (= euc-kr, Korean Excel) or `utf-16`; a
+    UTF-8 BOM is accepted under the default. A file plainly in another encoding (most lines do not
+    decode, and UTF-8, cp949 or UTF-16 reads them) is one error naming the file and that encoding;
+    a few bad lines in a good file are quarantined one by one."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_text_encoding(cls, v: str) -> str:
+        try:
+            "".encode(v)  # also refuses codecs that are not text encodings (rot13, base64)
+        except (LookupError, ValueError):
+            raise ValueError(
+                f"unknown text encoding {v[:40]!r} (e.g. utf-8, cp949, euc-kr, utf-16, latin-1)"
+            ) from None
+        return v
 
 
 class DedupeConfig(Section):
@@ -283,14 +307,21 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an int past 4300 digits
+        raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     cfg = validate_config(raw, where=str(path))
-    return _resolve_paths(cfg, path.resolve().parent)
+    try:
+        return _resolve_paths(cfg, path.resolve().parent)
+    except (OSError, ValueError) as exc:  # a NUL byte (ValueError), a name too long for the OS
+        name = f" {str(exc.filename)[:80]!r}" if getattr(exc, "filename", None) else ""
+        reason = getattr(exc, "strerror", None) or exc
+        raise ConfigError(f"{path}: a path in the config cannot be used{name}: {reason}") from None
 
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
@@ -301,11 +332,24 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    node = raw
+    """Set `train.lr`, or `data.train.0.limit` (an index into a list the config already holds)."""
+    node: Any = raw
     *parents, leaf = dotted.split(".")
     for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
+        if isinstance(node, dict) and node.get(key) is None:
+            node[key] = {}
+        node = node[key] if isinstance(node, dict) else node[_list_index(node, key, dotted)]
+    if isinstance(node, dict):
+        node[leaf] = value
+    else:
+        node[_list_index(node, leaf, dotted)] = value
+
+
+def _list_index(node: Any, key: str, dotted: str) -> int:
+    if isinstance(node, list) and key.isdecimal() and int(key) < len(node):
+        return int(key)
+    what = f"a list of {len(node)}" if isinstance(node, list) else f"a {type(node).__name__}"
+    raise ConfigError(f"override {dotted[:100]}: cannot set {key[:40]!r} inside {what}")
 
 
 def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
@@ -334,10 +378,19 @@ def _explain(exc: ValidationError, where: str) -> str:
             lines.append(f"  - {loc}: required key is missing")
         else:
             got = err.get("input")
-            got_s = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            got_s = f" (got {_shown(got)})" if not isinstance(got, dict | list) else ""
             lines.append(f"  - {loc}: {err['msg']}{got_s}")
     lines.append("Run `medtune config show` on a valid config to see every key with its default.")
     return "\n".join(lines)
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message: cut short (a pasted file), and safe for ints past 4300 digits."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number with thousands of digits"
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _suggest(loc: tuple[Any, ...]) -> str:

@@ -156,3 +156,264 @@ def test_whole_file_errors_are_data_errors(tmp_path):
     (tmp_path / "x.weird").write_text("data")
     with pytest.raises(DataError, match="cannot guess the format"):
         read(tmp_path / "x.weird")
+
+
+# ---------------------------------------------------------------- generated ids (sharded sources)
+
+QUESTION = "Which organ number {k} of shard {s} makes the hormone?"
+
+
+def shard_lines(layout: str, shard: int, n: int = 5) -> str:
+    """`n` rows without an `id` column, each question distinct (no dedupe in prepare)."""
+    if layout == "csv":
+        rows = [f'"{QUESTION.format(k=k, s=shard)}",liver,pancreas,B' for k in range(n)]
+        return "question,A,B,answer\n" + "\n".join(rows) + "\n"
+    if layout == "medqa":
+        row = {"options": {"A": "liver", "B": "pancreas"}, "answer_idx": "B"}
+    else:
+        row = {"options": ["liver", "pancreas"], "answer": 1}
+    return "".join(json.dumps({"question": QUESTION.format(k=k, s=shard), **row}) + "\n" for k in range(n))
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "csv", "medqa"])
+def test_sharded_folder_gives_every_row_a_distinct_id(tmp_path, layout):
+    suffix = ".csv" if layout == "csv" else ".jsonl"
+    for shard, name in enumerate(["shard-00001", "shard-00002", "sub/shard-00001"]):
+        (tmp_path / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "src" / f"{name}{suffix}").write_text(shard_lines(layout, shard))
+    records, rejected = read(tmp_path / "src", format=layout)
+    assert not rejected and len(records) == 15
+    assert len({r["id"] for r in records}) == 15
+    ids = {r["id"].split(":", 2)[2] for r in records}
+    assert {f"shard-00002{suffix}:4", f"sub/shard-00001{suffix}:4"} <= ids
+    again, _ = read(tmp_path / "src", format=layout)
+    assert [r["id"] for r in again] == [r["id"] for r in records]  # deterministic
+
+
+def test_other_layouts_give_generated_ids_per_file(tmp_path):
+    """MedMCQA rows without `id`, GenMedGPT shards, PubMedQA as a list: no two rows share an id."""
+    for shard in (1, 2):
+        (tmp_path / "mcqa" / f"part{shard}.jsonl").parent.mkdir(exist_ok=True)
+        (tmp_path / "mcqa" / f"part{shard}.jsonl").write_text(shard_lines("jsonl", shard))
+        gen = [{"instruction": f"Patient {shard}-{k} asks", "output": f"Advice {k}"} for k in range(3)]
+        (tmp_path / "gen" / f"en{shard}.json").parent.mkdir(exist_ok=True)
+        (tmp_path / "gen" / f"en{shard}.json").write_text(json.dumps(gen))
+    pub = [{"QUESTION": f"Does drug {k} work?", "final_decision": "yes", "CONTEXTS": ["c"]} for k in range(3)]
+    (tmp_path / "pub.json").write_text(json.dumps(pub))
+    for path, fmt, n in (("mcqa", "medmcqa", 10), ("gen", "genmedgpt", 6), ("pub.json", "pubmedqa", 3)):
+        records, rejected = read(tmp_path / path, format=fmt)
+        assert not rejected and len({r["id"] for r in records}) == len(records) == n, fmt
+
+
+def prepare_config(tmp_path: Path, *sources: dict) -> object:
+    from medtune.config import validate_config
+
+    return validate_config({"model": {"path": str(tmp_path / "no-model")}, "data": {"train": list(sources)}})
+
+
+def test_prepare_keeps_every_row_of_shards_and_of_two_sources_of_one_layout(tmp_path):
+    from medtune.data.prepare import run_prepare
+
+    for shard in (1, 2):
+        (tmp_path / "shards").mkdir(exist_ok=True)
+        (tmp_path / "shards" / f"shard-{shard}.jsonl").write_text(shard_lines("medqa", shard))
+        (tmp_path / f"medqa-{shard}.jsonl").write_text(shard_lines("medqa", 10 + shard))
+    cfg = prepare_config(tmp_path, {"path": str(tmp_path / "shards"), "format": "medqa", "name": "shards"})
+    shards = run_prepare(cfg, tmp_path / "out1")["sources"]["train/shards"]
+    assert (shards["records_in"], shards["kept"], shards["quarantined"]) == (10, 10, 0)
+    two = [{"path": str(tmp_path / f"medqa-{shard}.jsonl"), "format": "medqa"} for shard in (1, 2)]
+    both = run_prepare(prepare_config(tmp_path, *two), tmp_path / "out2")["sources"]["train/medqa"]
+    assert (both["records_in"], both["kept"], both["quarantined"]) == (10, 10, 0)
+
+
+# ---------------------------------------------------------------- KorMedMCQA subjects and the law block
+
+KOR_HEADER = ",subject,year,period,q_number,question,A,B,C,D,E,answer,cot\n"
+
+
+def kor_rows(subject: str, year: int, period: int, questions: range) -> str:
+    return "".join(
+        f"{q},{subject},{year},{period},{q},법 문항 {subject} {year} {period} {q}?,a,b,c,d,e,A,\n"
+        for q in questions
+    )
+
+
+@needs_shared
+def test_medical_law_block_has_20_items_in_every_exam_year_that_has_one():
+    """SOURCE.md: nurse, pharm, dentist have a 20-item block every year; doctor only from 2022."""
+    records = [r for split in ("train", "valid") for r in read(SHARED / "kormedmcqa", split=split)[0]]
+    law: Counter[tuple[str, str]] = Counter()
+    for r in records:
+        law[r["subject"], r["id"].split(":")[2].split("-")[1]] += "medical_law" in r["tags"]
+    assert set(law) >= {("nurse", "2019"), ("pharm", "2021"), ("dentist", "2020"), ("doctor", "2012")}
+    for (subject, year), n in law.items():
+        has_block = subject != "doctor" or int(year) >= 2022
+        assert n == (20 if has_block else 0), (subject, year)
+
+
+def test_medical_law_rule_on_test_years_and_the_2024_pharmacy_subject(tmp_path):
+    """The held-back test years (2022-2024): 2024 pharmacist rows are named `pharmacy`."""
+    blocks = {"doctor": (1, range(1, 21)), "nurse": (3, range(66, 86)), "dentist": (4, range(66, 86))}
+    for year in (2022, 2023, 2024):
+        blocks_y = {**blocks, "pharm" if year < 2024 else "pharmacy": (4, range(64, 84))}
+        if year == 2022:
+            blocks_y["dentist"] = (4, range(76, 96))
+        for subject, (period, law_qs) in blocks_y.items():
+            folder = tmp_path / ("pharm" if subject == "pharmacy" else subject)  # upstream folder names
+            folder.mkdir(exist_ok=True)
+            path = folder / "test.csv"
+            body = kor_rows(subject, year, period, range(1, 101)) + kor_rows(
+                subject, year, period % 4 + 1, law_qs
+            )
+            path.write_text((path.read_text() if path.exists() else KOR_HEADER) + body)
+    records, rejected = read(tmp_path, format="kormedmcqa")
+    assert not rejected
+    assert {r["subject"] for r in records} == {"doctor", "nurse", "pharm", "dentist"}
+    law = Counter(
+        (r["subject"], r["id"].split(":")[2].split("-")[1]) for r in records if "medical_law" in r["tags"]
+    )
+    assert law == {
+        (s, str(y)): 20 for s in ("doctor", "nurse", "pharm", "dentist") for y in (2022, 2023, 2024)
+    }
+    assert "kormedmcqa:test:pharm-2024-4-64" in {r["id"] for r in records}
+
+
+# ---------------------------------------------------------------- declared format decides the reader
+
+ROWS = [
+    {"question": f"Which option is number {k}?", "options": ["x", "y", "z"], "answer": k % 3}
+    for k in range(4)
+]
+
+
+def test_declared_format_wins_over_the_extension(tmp_path):
+    (tmp_path / "a.txt").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    records, rejected = read(tmp_path / "a.txt", format="jsonl")
+    assert not rejected and [r["answer"] for r in records] == ["A", "B", "C", "A"]
+    (tmp_path / "doc.jsonl").write_text(json.dumps(ROWS, indent=2))
+    records, rejected = read(tmp_path / "doc.jsonl", format="json")
+    assert not rejected and [r["provenance"]["line"] for r in records] == [1, 2, 3, 4]
+    (tmp_path / "commas.tsv").write_text("question,A,B,answer\nWhich one is it?,x,y,B\n")
+    records, rejected = read(tmp_path / "commas.tsv", format="csv")
+    assert not rejected and records[0]["options"] == ["x", "y"]
+    (tmp_path / "table.txt").write_text("question\tA\tB\tanswer\nWhich one is it?\tx\ty\tA\n")
+    assert read(tmp_path / "table.txt", format="tsv")[0][0]["answer"] == "A"
+
+
+def test_folder_with_a_declared_format_reads_the_files_of_that_format(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "d" / "notes.txt").write_text("not data")
+    records, rejected = read(tmp_path / "d", format="jsonl")
+    assert not rejected and len(records) == 4
+    (tmp_path / "d" / "b.csv").write_text("question,A,B,answer\nWhich one is it?,x,y,B\n")
+    with pytest.raises(DataError, match=r"format jsonl.*also holds b\.csv"):
+        read(tmp_path / "d", format="jsonl")
+
+
+# ---------------------------------------------------------------- whole-file checks
+
+KO_ROWS = [
+    {"question": f"다음 중 옳은 것은 {k}번?", "options": ["가", "나"], "answer": "A"} for k in range(6)
+]
+KO_CSV = "question,A,B,answer\n" + "".join(f"{r['question']},가,나,A\n" for r in KO_ROWS)
+KO_JSONL = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in KO_ROWS)
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [("ko.csv", KO_CSV), ("ko.jsonl", KO_JSONL), ("ko.json", json.dumps(KO_ROWS, ensure_ascii=False))],
+)
+@pytest.mark.parametrize("codec", ["cp949", "euc-kr"])
+def test_a_korean_legacy_encoding_is_one_error_that_suggests_the_fix(tmp_path, name, text, codec):
+    path = tmp_path / name
+    path.write_bytes(text.encode(codec))
+    with pytest.raises(DataError, match=rf"{name}.*encoding: cp949"):
+        read(path)
+    records, rejected = read(path, encoding=codec)
+    assert not rejected and [r["question"] for r in records] == [r["question"] for r in KO_ROWS]
+
+
+def test_utf16_and_utf8_bom_files(tmp_path):
+    (tmp_path / "u16.csv").write_bytes(KO_CSV.encode("utf-16"))
+    with pytest.raises(DataError, match=r"u16\.csv.*encoding: utf-16"):
+        read(tmp_path / "u16.csv")
+    assert len(read(tmp_path / "u16.csv", encoding="utf-16")[0]) == 6
+    (tmp_path / "le.jsonl").write_bytes(KO_JSONL.encode("utf-16-le"))  # no BOM
+    with pytest.raises(DataError, match=r"le\.jsonl.*encoding: utf-16-le"):
+        read(tmp_path / "le.jsonl")
+    assert len(read(tmp_path / "le.jsonl", encoding="utf-16-le")[0]) == 6
+    (tmp_path / "bom.jsonl").write_bytes(KO_JSONL.encode("utf-8-sig"))
+    assert len(read(tmp_path / "bom.jsonl")[0]) == 6
+
+
+def test_isolated_bad_lines_are_still_quarantined_one_by_one(tmp_path):
+    lines = KO_JSONL.encode().splitlines(keepends=True)
+    lines[2] = lines[2].decode().encode("cp949")  # one row saved in another encoding
+    lines[4] = lines[4][:20] + b"\n"  # one truncated row
+    (tmp_path / "mixed.jsonl").write_bytes(b"".join(lines))
+    records, rejected = read(tmp_path / "mixed.jsonl")
+    assert len(records) == 4 and [(r.line, r.reason.split()[0]) for r in rejected] == [
+        (3, "non-UTF-8"),
+        (5, "unparseable"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "content,fmt,message",
+    [
+        (b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00" + bytes(200), "csv", "binary.*ZIP"),
+        (b"PAR1\x15\x04\x15\x10\x15\x14L\x15\x02\x15\x00" + bytes(200), "jsonl", "binary.*format: parquet"),
+        (b"\x1f\x8b\x08\x00" + bytes(100), "json", "binary.*gzip"),
+    ],
+)
+def test_binary_content_is_one_error(tmp_path, content, fmt, message):
+    path = tmp_path / f"data.{fmt}"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"data\.{fmt}.*{message}"):
+        read(path, format=fmt)
+
+
+def test_json_array_in_a_jsonl_file_and_json_lines_in_a_json_file(tmp_path):
+    for name, text in (
+        ("pretty.jsonl", json.dumps(ROWS, indent=2)),
+        ("oneline.jsonl", json.dumps(ROWS)),
+        ("keyed.jsonl", json.dumps({f"k{i}": r for i, r in enumerate(ROWS)}, indent=1)),
+    ):
+        (tmp_path / name).write_text(text)
+        records, rejected = read(tmp_path / name)
+        assert not rejected and [r["provenance"]["line"] for r in records] == [1, 2, 3, 4], name
+    assert read(tmp_path / "keyed.jsonl")[0][0]["id"] == "keyed:train:k0"
+    (tmp_path / "lines.json").write_text("\n" + "".join(json.dumps(r) + "\n\n" for r in ROWS))
+    records, rejected = read(tmp_path / "lines.json")
+    assert not rejected and [r["provenance"]["line"] for r in records] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("blank.jsonl", " \n\n\t\n", "is empty"),
+        ("bom.csv", "\ufeff\r\n", "is empty"),
+        ("header.csv", "question,A,B,answer\r\n", "has a header but no rows"),
+        ("header.tsv", "question\tA\tB\tanswer\n\n", "has a header but no rows"),
+        ("none.json", "[]", "holds no items"),
+        ("none.jsonl", "{}\n", None),
+        ("text.jsonl", "this is\nnot json\nat all\n", "not JSON"),
+    ],
+)
+def test_empty_header_only_and_not_json_files_are_one_error(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    if message is None:  # one empty object is a row: quarantined, not a whole-file problem
+        assert len(read(tmp_path / name)[1]) == 1
+        return
+    with pytest.raises(DataError, match=rf"{name}.*{message}"):
+        read(tmp_path / name)
+
+
+def test_empty_parquet_is_one_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": pa.array([], pa.string())}), tmp_path / "none.parquet")
+    with pytest.raises(DataError, match=r"none\.parquet: holds no rows"):
+        read(tmp_path / "none.parquet")

@@ -17,6 +17,7 @@ from medtune.data.schema import LETTERS, Provenance, Record
 Row = dict[str, Any]
 
 _LETTER = re.compile(r"^\(?([A-Za-z])[).:]?$")
+_INDEX = re.compile(r"^-?[0-9]{1,9}$")  # not str.isdigit: "²" is a digit int() refuses, 5000 digits too
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ def normalise_answer(raw: Any, options: list[str], index_base: int = 0) -> str:
         raise RowError(f"answer {raw!r} is not a letter, index or option text")
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
-    if isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+    if isinstance(raw, str) and _INDEX.match(raw.strip()):
         raw = int(raw.strip())
     if isinstance(raw, int):
         idx = raw - index_base
@@ -123,7 +124,7 @@ def build_record(
         split=split,
         kind="mcqa" if is_mcqa else "instruction",
         language="other",
-        subject=subject or None,
+        subject=_clean(subject) or None,  # a JSON list or number is text here, like every field
         tags=[],
         question=q if is_mcqa else p,
         options=opts,
@@ -211,8 +212,10 @@ def _options_of(row: Row, fields: dict[str, str | list[str]]) -> list[Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, and ints past the digit limit
             raise RowError("options column is a string, not a list") from None
+    if value is not None and not isinstance(value, list | tuple):
+        raise RowError(f"options is a {type(value).__name__}, not a list")
     return list(value or [])
 
 
@@ -231,7 +234,7 @@ def row_to_record(row: Row, ctx: dict[str, Any], where: tuple[str, int], row_id:
     source, split = ctx["source"], ctx["split"]
     fields: dict[str, str | list[str]] = ctx.get("fields") or {}
     try:
-        if "0" in row and "question" not in fields:
+        if "0" in row and "question" not in fields and all(str(i) in row for i in range(len(row))):
             row = _positional(row)
         prompt = _pick(row, "prompt", fields)
         if prompt is None and ("instruction" in row or "input" in row):
