@@ -12,7 +12,7 @@ from medtune.config import validate_config
 from medtune.data.inspect import run_inspect
 from medtune.data.prepare import OUTPUTS, load_prepared_dataset, read_prepared, run_prepare, training_text
 from medtune.data.schema import Record
-from medtune.errors import RunDirError
+from medtune.errors import DataError, RunDirError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
 
@@ -152,3 +152,25 @@ def test_eval_only_config_prepares_an_empty_train_set(tmp_path):
     manifest = run_prepare(cfg, tmp_path / "out")
     assert manifest["totals"]["train_records"] == 0 and manifest["totals"]["eval_records"] == 120
     assert list(read_prepared(tmp_path / "out", "train")) == []
+
+
+def test_sources_with_one_default_name_are_told_apart_and_repeated_names_refused(tmp_path):
+    """`ko/train.jsonl` and `en/train.jsonl` both default to the name `train`: without distinct names
+    their ids and counts merge, and the second one's rows were quarantined as duplicate ids."""
+    (tmp_path / "config.json").write_text("{}")  # model.path must look like a model folder
+    for lang in ("ko", "en"):
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / "train.jsonl").write_text(
+            json.dumps({"question": f"{lang} question one?", "options": ["a", "b"], "answer": 0}) + "\n"
+        )
+    sources = [{"path": str(tmp_path / lang / "train.jsonl")} for lang in ("ko", "en")]
+    cfg = validate_config(
+        {"model": {"path": str(tmp_path)}, "data": {"train": sources}, "output": {"dir": str(tmp_path / "r")}}
+    )
+    manifest = run_prepare(cfg, tmp_path / "r" / "prepare")
+    assert manifest["totals"]["kept"] == 2 and manifest["totals"]["quarantined"] == 0
+    assert {"train/train/ko/train", "train/train/en/train"} <= manifest["sources"].keys()
+    for src in cfg.data.train:
+        src.name = "mine"
+    with pytest.raises(DataError, match=r"data.train\[0\] and data.train\[1\] are both named 'mine'"):
+        run_prepare(cfg, tmp_path / "r" / "prepare")

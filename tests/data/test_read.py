@@ -222,8 +222,10 @@ def test_prepare_keeps_every_row_of_shards_and_of_two_sources_of_one_layout(tmp_
     shards = run_prepare(cfg, tmp_path / "out1")["sources"]["train/shards"]
     assert (shards["records_in"], shards["kept"], shards["quarantined"]) == (10, 10, 0)
     two = [{"path": str(tmp_path / f"medqa-{shard}.jsonl"), "format": "medqa"} for shard in (1, 2)]
-    both = run_prepare(prepare_config(tmp_path, *two), tmp_path / "out2")["sources"]["train/medqa"]
-    assert (both["records_in"], both["kept"], both["quarantined"]) == (10, 10, 0)
+    both = run_prepare(prepare_config(tmp_path, *two), tmp_path / "out2")["sources"]
+    for shard in (1, 2):  # the same default name, told apart by the file
+        one = both[f"train/medqa/medqa-{shard}"]
+        assert (one["records_in"], one["kept"], one["quarantined"]) == (5, 5, 0)
 
 
 # ---------------------------------------------------------------- KorMedMCQA subjects and the law block

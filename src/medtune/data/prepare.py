@@ -29,7 +29,7 @@ from medtune.data.langid import record_language, record_text
 from medtune.data.manifest import MANIFEST_NAME, SourceCounts, output_hashes, reason_class, write_json
 from medtune.data.mix import plan_mix
 from medtune.data.pii import scrub_record
-from medtune.data.read import iter_source, source_name
+from medtune.data.read import iter_source, named_sources, source_name
 from medtune.data.schema import Record
 from medtune.data.validate import DuplicateIds, Rejected, RowError, check_field_lengths
 from medtune.errors import DataError, RunDirError
@@ -162,10 +162,12 @@ def collect(cfg: RunConfig, out_dir: Path, count_tokens: TokenCounter | None = N
     index = ContaminationIndex(cfg.data.contamination)
     cands = Candidates()
     eval_records: list[Record] = []
+    eval_sources = named_sources(cfg.data.eval, "data.eval")
+    train_sources = named_sources(cfg.data.train, "data.train")
     try:
         with _progress() as progress:
             eval_dedupe = Deduper(cfg.data.dedupe)
-            for src in cfg.data.eval:
+            for src in eval_sources:
                 name = source_name(src)
                 c = counts.setdefault(f"eval/{name}", SourceCounts("eval"))
                 task = progress.add_task(f"eval  {name}", total=None)
@@ -178,7 +180,7 @@ def collect(cfg: RunConfig, out_dir: Path, count_tokens: TokenCounter | None = N
                     index.add_eval(rec)
                     eval_records.append(rec)
             train_dedupe = Deduper(cfg.data.dedupe)
-            for src in cfg.data.train:
+            for src in train_sources:
                 name = source_name(src)
                 c = counts.setdefault(f"train/{name}", SourceCounts("train"))
                 task = progress.add_task(f"train {name}", total=None)

@@ -186,13 +186,47 @@ def _file_rows(path: Path, fmt: str, src: SourceConfig) -> Rows:
     return iter_parquet(path)
 
 
-def _file_key(path: Path, root: Path) -> str:
-    """The file part of a generated row id: its path under a folder source, else its name."""
+def _file_key(path: Path, ctx: dict[str, Any]) -> str:
+    """The file part of a generated row id: its path under a folder source, else its name.
+
+    Record ids are `source:split:row_id` and source names are unique per role
+    (`named_sources`), so with the file's path in the row id, generated ids are unique by
+    construction: shards of one folder, or `ko/train.jsonl` and `en/train.jsonl` as two sources.
+    """
+    root = ctx["root"]
     return path.relative_to(root).as_posix() if path != root else path.name
 
 
+def named_sources(sources: list[SourceConfig], key: str) -> list[SourceConfig]:
+    """The sources of one role, each with a distinct `name` (ids and counts are keyed by it).
+
+    Two sources whose default names collide (two MedQA folders, or `ko/train.jsonl` and
+    `en/train.jsonl`) are told apart by the end of their paths: `medqa/us`, `train/ko/train`.
+    Two explicit `name:`s that repeat, or one path given twice, are errors naming both entries.
+    """
+    names = [source_name(src) for src in sources]
+    for name in sorted(set(names)):
+        group = [i for i, n in enumerate(names) if n == name]
+        if len(group) == 1:
+            continue
+        explicit = [i for i in group if sources[i].name]
+        if explicit or len({sources[i].path for i in group}) < len(group):
+            a, b = group[:2]
+            raise DataError(
+                f"{key}[{a}] and {key}[{b}] are both named {name!r} ({sources[a].path} and "
+                f"{sources[b].path}); give each a distinct `name:`"
+            )
+        for depth in range(1, max(len(sources[i].path.parts) for i in group) + 1):
+            tails = ["/".join(sources[i].path.with_suffix("").parts[-depth:]) for i in group]
+            if len(set(tails)) == len(tails):
+                break
+        for i, tail in zip(group, tails, strict=True):
+            names[i] = f"{name}/{tail}"
+    return [src.model_copy(update={"name": n}) for src, n in zip(sources, names, strict=True)]
+
+
 def _rows_to_records(rows: Rows, path: Path, ctx: dict[str, Any]) -> Iterator[Item]:
-    key = _file_key(path, ctx["root"])
+    key = _file_key(path, ctx)
     for line, row in rows:
         if isinstance(row, str):
             yield Rejected(ctx["source"], str(path), line, row)
@@ -277,7 +311,7 @@ def _read_pubmedqa(src: SourceConfig, ctx: dict[str, Any]) -> Iterator[Item]:
     if src.split in ("test", "train") and not truth.is_file():
         raise DataError(f"{truth}: needed to select PubMedQA split {src.split!r}")
     test_ids = _pubmedqa_test_ids(truth, src.encoding) if truth.is_file() else None
-    key = _file_key(main, ctx["root"])
+    key = _file_key(main, ctx)
     for i, pmid, item in iter_json(main, src.encoding):
         row_id = f"{key}:{i}" if pmid is None else str(pmid)  # a list, not an object keyed by PMID
         split = ctx["split"] if test_ids is None else ("test" if row_id in test_ids else "train")
