@@ -74,7 +74,7 @@ def test_config_hash_changes_with_any_value(tmp_path: Path) -> None:
         ({"ko": float("inf"), "en": 1}, "finite number"),
     ],
 )
-def test_mix_ratio_must_be_finite_non_negative_and_not_all_zero(tmp_path: Path, ratio: dict, why: str) -> None:
+def test_mix_ratio_is_finite_non_negative_and_not_all_zero(tmp_path: Path, ratio: dict, why: str) -> None:
     body = {**BASE, "data": {**BASE["data"], "mix": {"ratio": ratio}}}
     with pytest.raises(ConfigError, match=r"data\.mix\.ratio") as exc:
         load_config(write(tmp_path, body))
