@@ -88,7 +88,7 @@ def config_validate(config: ConfigArg, set_: SetOpt = None) -> None:
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print CONFIG resolved, with every default spelled out."""
-    console.print(dump_config(_load(config, set_)), markup=False, highlight=False)
+    say(dump_config(_load(config, set_)).rstrip("\n"))  # soft wrap: a folded long path is not YAML
 
 
 # ---------------------------------------------------------------- models
