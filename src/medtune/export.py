@@ -155,9 +155,11 @@ def release_memory() -> None:
 
 
 def refuse_overlap(out_dir: Path, run_dir: Path, model_dir: Path) -> None:
-    """RunDirError unless `out_dir` may be replaced wholesale: it must not be or hold the run, nor
-    overlap what the export reads (train/: adapter and run.json; the base model). Anywhere else
-    inside the run is fine; the default is RUN/export/FORMAT."""
+    """RunDirError for an `out_dir` that is or holds the run, or overlaps what the export reads.
+
+    `out_dir` is replaced wholesale, so it must keep clear of train/ (adapter, run.json) and of the
+    base model. Anywhere else inside the run is fine: the default is RUN/export/FORMAT.
+    """
     out, run = out_dir.resolve(), run_dir.resolve()
     if out == run or out in run.parents:
         raise RunDirError(f"{out_dir}: must not be the run directory or contain it; choose another --out")
