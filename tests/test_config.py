@@ -19,6 +19,8 @@ from medtune.errors import ConfigError
 
 def write(tmp_path: Path, body: dict) -> Path:
     (tmp_path / "d.jsonl").write_text("{}\n")
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text("{}")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(body, allow_unicode=True))
     return path
@@ -160,3 +162,42 @@ def test_config_hash_changes_with_any_value(tmp_path: Path) -> None:
     path = write(tmp_path, BASE)
     assert load_config(path).config_hash() == load_config(path).config_hash()
     assert load_config(path).config_hash() != load_config(path, {"seed": 1}).config_hash()
+
+
+@pytest.mark.parametrize(
+    ("ratio", "why"),
+    [
+        ({"ko": 0, "en": 0}, "at least one language a share above 0"),
+        ({"ko": -1, "en": 1}, "greater than or equal to 0"),
+        ({"ko": -1, "en": -1}, "greater than or equal to 0"),
+        ({"ko": float("nan"), "en": 1}, "finite number"),
+        ({"ko": float("inf"), "en": 1}, "finite number"),
+    ],
+)
+def test_mix_ratio_is_finite_non_negative_and_not_all_zero(tmp_path: Path, ratio: dict, why: str) -> None:
+    body = {**BASE, "data": {**BASE["data"], "mix": {"ratio": ratio}}}
+    with pytest.raises(ConfigError, match=r"data\.mix\.ratio") as exc:
+        load_config(write(tmp_path, body))
+    assert why in str(exc.value)
+
+
+def test_mix_ratio_with_a_zero_share_is_a_one_language_mix(tmp_path: Path) -> None:
+    body = {**BASE, "data": {**BASE["data"], "mix": {"ratio": {"ko": 1, "en": 0}}}}
+    assert load_config(write(tmp_path, body)).data.mix.ratio == {"ko": 1.0, "en": 0.0}
+
+
+def test_mix_ratio_is_checked_on_assignment_too(tmp_path: Path) -> None:
+    """The sweep sets each cell's ratio on a loaded config; a bad one must not slip through there."""
+    cfg = load_config(write(tmp_path, BASE))
+    with pytest.raises(ValueError, match="share above 0"):
+        cfg.data.mix.ratio = {"ko": 0.0, "en": 0.0}
+
+
+def test_model_path_must_be_a_model_directory(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "model": {"path": "missing"}})
+    with pytest.raises(ConfigError, match=r"model\.path: no such folder.*missing") as exc:
+        load_config(path)
+    assert "medtune model tiny" in str(exc.value)
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(ConfigError, match=r"model\.path: .*not-a-model.*config\.json"):
+        load_config(path, {"model.path": "not-a-model"})

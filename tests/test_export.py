@@ -104,6 +104,29 @@ def test_export_replaces_a_previous_export_but_never_a_foreign_folder(llama_run,
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_cli_default_out_is_inside_the_run(llama_run):
+    """`medtune export RUN --format peft` with no --out writes RUN/export/peft, as the help says."""
+    from medtune.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", str(llama_run), "--format", "peft"])
+    assert exit_.value.code == 0
+    report = json.loads((llama_run / "export" / "peft" / "export.json").read_text())
+    assert report["format"] == "peft" and report["verification"]["passed"]
+
+
+def test_export_never_writes_over_the_run_or_what_it_reads(llama_run):
+    cfg, adapter = read_run(llama_run)
+    for out in (llama_run, llama_run.parent):
+        with pytest.raises(RunDirError, match="must not be the run directory or contain it"):
+            run_export(llama_run, "peft", out)
+    for out in (llama_run / "train", adapter, adapter / "new", cfg.model.path / "x"):
+        with pytest.raises(RunDirError, match="which the export reads"):
+            run_export(llama_run, "peft", out)
+    assert not (adapter / "new").exists() and not (cfg.model.path / "x").exists()
+    assert (adapter / "adapter_config.json").is_file() and (llama_run / "train" / "run.json").is_file()
+
+
 # -------------------------------------------------------------------------------- peft
 
 

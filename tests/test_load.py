@@ -291,3 +291,33 @@ def test_unknown_architecture(tiny_llama_dir: Path, tmp_path: Path) -> None:
     (d / "model.safetensors").write_bytes((tiny_llama_dir / "model.safetensors").read_bytes())
     with pytest.raises(ModelError, match="alien"):
         load_model_for_training(make_cfg(d))
+
+
+CUSTOM_CODE_CONFIGS = {
+    "auto-map": {
+        "model_type": "mycustom",
+        "architectures": ["MyModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_my.MyConfig",
+            "AutoModelForCausalLM": "modeling_my.MyModel",
+        },
+    },
+    "unknown-type": {"model_type": "not-a-real-arch", "architectures": ["Alien"]},
+}
+
+
+@pytest.mark.parametrize("kind", CUSTOM_CODE_CONFIGS)
+def test_custom_code_model_names_the_config_key(tiny_llama_dir: Path, tmp_path: Path, kind: str) -> None:
+    """transformers' own advice (`trust_remote_code=True`, a hub link) means nothing to a config user."""
+    import json
+
+    d = tmp_path / kind
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CUSTOM_CODE_CONFIGS[kind]))
+    (d / "model.safetensors").write_bytes((tiny_llama_dir / "model.safetensors").read_bytes())
+    for load in (lambda: load_model_for_training(make_cfg(d)), lambda: load_tokenizer(make_cfg(d).model)):
+        with pytest.raises(ModelError, match=r"model\.trust_remote_code") as err:
+            load()
+        message = str(err.value)
+        assert str(d) in message and "runs Python code from" in message
+        assert "hf.co" not in message and "trust_remote_code=True" not in message

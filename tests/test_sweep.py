@@ -128,6 +128,9 @@ class FakeStages:
 
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
+    # The fake stages never load the model, but the config loader checks model.path is a model folder.
+    (tmp_path / "no-model-needed").mkdir()
+    (tmp_path / "no-model-needed" / "config.json").write_text("{}")
     text = f"""
 data:
   train: [{{path: {EXAMPLES / "data/medqa/train.jsonl"}, format: medqa}}]

@@ -19,6 +19,7 @@ enforce_offline()  # before anything imports the Hugging Face stack
 import typer  # noqa: E402
 import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.text import Text  # noqa: E402
 
 from medtune.config import RunConfig, dump_config, load_config  # noqa: E402
 from medtune.errors import MedtuneError, RunDirError  # noqa: E402
@@ -44,6 +45,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a config key: -s train.max_steps=10 (repeatable)."),
 ]
+
+
+def say(*parts: str | tuple[str, str], err: bool = False) -> None:
+    """Print a message holding user values (paths, keys, names) exactly as given.
+
+    Rich reads `[...]` in a plain string as markup (`[/red]` in a path crashes the printer, `[bold]`
+    vanishes from it) and `:-1:` as an emoji code; only (text, style) parts here are styled.
+    """
+    (err_console if err else console).print(Text.assemble(*parts), highlight=False, soft_wrap=True)
 
 
 def _parse_sets(overrides: list[str] | None) -> dict[str, Any]:
@@ -72,13 +82,13 @@ def stage_dir(cfg: RunConfig, stage: str) -> Path:
 def config_validate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Validate CONFIG; exit 2 with the offending key if it is wrong."""
     cfg = _load(config, set_)
-    console.print(f"[green]ok[/green] {config} (config hash {cfg.config_hash()})")
+    say(("ok", "green"), f" {config} (config hash {cfg.config_hash()})")
 
 
 @config_app.command("show")
 def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
     """Print CONFIG resolved, with every default spelled out."""
-    console.print(dump_config(_load(config, set_)), markup=False, highlight=False)
+    say(dump_config(_load(config, set_)).rstrip("\n"))  # soft wrap: a folded long path is not YAML
 
 
 # ---------------------------------------------------------------- models
@@ -96,10 +106,10 @@ def model_tiny(
     if arch not in ("llama", "gemma3"):
         raise MedtuneError(f"--arch must be llama or gemma3, got {arch!r}")
     if (out / "config.json").is_file():
-        console.print(f"{out} already holds a model; keeping it")
+        say(f"{out} already holds a model; keeping it")
         return
     path = build_tiny_model(out, arch, seed=seed)  # type: ignore[arg-type]
-    console.print(f"wrote tiny {arch} model to {path}")
+    say(f"wrote tiny {arch} model to {path}")
 
 
 @model_app.command("fetch")
@@ -113,7 +123,7 @@ def model_fetch(
     if name not in RELEASES:
         raise MedtuneError(f"unknown model {name!r}; choose one of: {', '.join(RELEASES)}")
     path = fetch_model(name, dir)  # type: ignore[arg-type]
-    console.print(f"model ready: [bold]{path}[/bold] (everything after this runs offline)")
+    say("model ready: ", (str(path), "bold"), " (everything after this runs offline)")
 
 
 @model_app.command("import")
@@ -127,7 +137,7 @@ def model_import(
     from medtune.model.gguf import import_gguf
 
     path = import_gguf(gguf_file, out, dtype, expected_sha256=sha256)
-    console.print(f"imported {gguf_file} -> [bold]{path}[/bold]")
+    say(f"imported {gguf_file} -> ", (str(path), "bold"))
 
 
 # ---------------------------------------------------------------- pipeline stages
@@ -252,7 +262,7 @@ def run(
 def report(run_dir: Annotated[Path, typer.Argument(help="A run's output.dir (or a sweep dir).")]) -> None:
     """Write a self-contained HTML + Markdown report of a run or sweep."""
     path = _report(run_dir)
-    console.print(f"report: [bold]{path / 'report.html'}[/bold]")
+    say("report: ", (str(path / "report.html"), "bold"))
 
 
 def _report(run_dir: Path) -> Path:
@@ -282,8 +292,8 @@ def sweep(
     result = run_sweep(config, parse_ratios(ratios), seed_list, out, _parse_sets(set_))
     failed = [c["name"] for c in result["cells"] if c["status"] == "failed"]
     if failed:
-        err_console.print(f"[red]{len(failed)} cell(s) failed[/red]: {', '.join(failed)} (see sweep.json)")
-    console.print(f"report: [bold]{result['report']}[/bold]")
+        say((f"{len(failed)} cell(s) failed", "red"), f": {', '.join(failed)} (see sweep.json)", err=True)
+    say("report: ", (str(result["report"]), "bold"))
 
 
 @app.command()
@@ -365,7 +375,7 @@ def export(
         gguf_type=gguf_type,
         dtype=dtype,
     )  # type: ignore[arg-type]
-    console.print(f"exported {format_} to [bold]{path}[/bold] (verification figures: {path / 'export.json'})")
+    say(f"exported {format_} to ", (str(path), "bold"), f" (verification figures: {path / 'export.json'})")
 
 
 @app.command()
@@ -400,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     except MedtuneError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        say(("error:", "bold red"), f" {exc}", err=True)
         sys.exit(2)
 
 

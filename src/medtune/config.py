@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -123,14 +123,23 @@ class ContaminationConfig(Section):
 class MixConfig(Section):
     """Target language mix of the training set (the paper's finding: balance, not volume)."""
 
-    ratio: dict[str, float] | None = None
-    """e.g. {ko: 1, en: 1}, or the paper's English-heavy {ko: 3, en: 10}. None keeps everything."""
+    ratio: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+    """e.g. {ko: 1, en: 1}, or the paper's English-heavy {ko: 3, en: 10}; a 0 share leaves that
+    language out. None keeps everything."""
     by: Literal["examples", "tokens"] = "examples"
     total: int | None = Field(default=None, ge=1)
     """Budget in examples or tokens (by `by`). None: the largest mix the data allows without up-sampling."""
     replacement: bool = False
     """Allow up-sampling (sampling with replacement) when a language has too little data for its share."""
     stratify_by: Literal["source", "subject", "none"] = "source"
+
+    @field_validator("ratio")
+    @classmethod
+    def _some_language_has_a_share(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # All zeros leaves the mixer nothing to divide by; say so here, not as a crash in prepare.
+        if v and not any(v.values()):
+            raise ValueError("give at least one language a share above 0 (e.g. {ko: 1, en: 1})")
+        return v
 
 
 class DataConfig(Section):
@@ -362,8 +371,20 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
             if not source.path.exists():
                 raise ConfigError(f"data.{section}.{i}.path: no such file or folder: {source.path}")
     cfg.model.path = resolve(cfg.model.path)
+    _check_model_dir(cfg.model.path)
     cfg.output.dir = resolve(cfg.output.dir)
     return cfg
+
+
+def _check_model_dir(path: Path) -> None:
+    """model.path must be a model folder at load time, not when training starts after `prepare`."""
+    if not path.is_dir():
+        raise ConfigError(
+            f"model.path: no such folder: {path}; point it at a local model directory, or make one "
+            "with `medtune model tiny --out DIR`, `medtune model fetch NAME` or `medtune model import`"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.path: {path} is not a model directory (it has no config.json)")
 
 
 def _explain(exc: ValidationError, where: str) -> str:

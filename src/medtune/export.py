@@ -154,6 +154,20 @@ def release_memory() -> None:
 # ----------------------------------------------------------------------------- atomic output
 
 
+def refuse_overlap(out_dir: Path, run_dir: Path, model_dir: Path) -> None:
+    """RunDirError for an `out_dir` that is or holds the run, or overlaps what the export reads.
+
+    `out_dir` is replaced wholesale, so it must keep clear of train/ (adapter, run.json) and of the
+    base model. Anywhere else inside the run is fine: the default is RUN/export/FORMAT.
+    """
+    out, run = out_dir.resolve(), run_dir.resolve()
+    if out == run or out in run.parents:
+        raise RunDirError(f"{out_dir}: must not be the run directory or contain it; choose another --out")
+    for read in (run / "train", model_dir.resolve()):
+        if out == read or read in out.parents or out in read.parents:
+            raise RunDirError(f"{out_dir}: overlaps {read}, which the export reads; choose another --out")
+
+
 @contextmanager
 def staging_dir(out_dir: Path) -> Iterator[Path]:
     """A temp folder next to `out_dir`, renamed onto it only if the block (export + checks) succeeds."""
@@ -365,8 +379,7 @@ def run_export(
         raise ConfigError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     cfg, adapter = read_run(Path(run_dir))
     out_dir = Path(out_dir)
-    if Path(run_dir).resolve() in (out_dir.resolve(), *out_dir.resolve().parents):
-        raise RunDirError(f"{out_dir}: must not be the run directory or contain it")
+    refuse_overlap(out_dir, Path(run_dir), Path(cfg.model.path))
     model, tokenizer = load_pair(cfg, adapter, "float32", merge=False)
     ref = probe(model, tokenizer)
     del model

@@ -57,6 +57,33 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
         raise ModelError(f"{config_path}: not valid JSON: {exc}") from None
 
 
+def refuse_custom_code(model_cfg: ModelConfig, config: dict[str, Any]) -> None:
+    """ModelError naming `model.trust_remote_code` for a model that needs code from its own folder.
+
+    transformers would say "pass trust_remote_code=True" and link the local path as a hub repo,
+    advice a config user cannot follow; we name the key and what turning it on means.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if model_cfg.trust_remote_code:
+        return
+    model_dir = Path(model_cfg.path)
+    consequence = (
+        f"set model.trust_remote_code: true only if you trust that folder: it runs Python code from "
+        f"{model_dir} with your rights"
+    )
+    if "auto_map" in config:
+        raise ModelError(
+            f"{model_dir}: the model ships its own code (`auto_map` in config.json); {consequence}"
+        )
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        raise ModelError(
+            f"{model_dir}: model_type {model_type!r} in config.json is not one this transformers knows; "
+            f"a newer transformers may know it, or, if the folder holds its own modelling code, {consequence}"
+        )
+
+
 def check_weights(model_cfg: ModelConfig) -> bool:
     """Validate the weight files and return True when they are safetensors (False: allowed pickle).
 
@@ -148,7 +175,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     model_dir = Path(model_cfg.path)
-    read_model_config(model_dir)
+    refuse_custom_code(model_cfg, read_model_config(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             model_dir, trust_remote_code=model_cfg.trust_remote_code, local_files_only=True
@@ -165,6 +192,7 @@ def load_base_model(cfg: RunConfig, device: torch.device, fsdp: bool = False):
     """The quantised (or plain) causal LM, on `device`, every parameter frozen in its storage dtype."""
     model_dir = Path(cfg.model.path)
     raw_config = read_model_config(model_dir)
+    refuse_custom_code(cfg.model, raw_config)
     use_safetensors = check_weights(cfg.model)
     dtype = compute_dtype(cfg.model, device)
     kwargs: dict[str, Any] = dict(
