@@ -94,3 +94,20 @@ def test_messages_print_paths_verbatim(tmp_path: Path, name: str, capsys) -> Non
     assert code == 0 and yaml.safe_load(out)["model"]["path"] == str(model), err
     code, out, err = in_process(capsys, "model", "tiny", "--out", model)
     assert code == 0 and out == f"{model} already holds a model; keeping it\n", err
+
+
+@pytest.mark.slow
+def test_library_warnings_stay_out_of_the_output_unless_debug(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """transformers warns that `is_gradient_checkpointing` is deprecated at every training start:
+    noise to a user, shown only under --debug (in every rank, through MEDTUNE_DEBUG)."""
+    from tests.test_pipeline import quickstart_config
+
+    config = quickstart_config(tmp_path, tiny_llama_dir, max_steps=1, save_every=None)
+    assert medtune("prepare", str(config)).returncode == 0
+    quiet = medtune("train", str(config))
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Warning" not in quiet.stdout + quiet.stderr, quiet.stderr
+    again = f"output.dir={tmp_path / 'again'}"
+    assert medtune("prepare", str(config), "-s", again).returncode == 0
+    loud = medtune("train", str(config), "--debug", "-s", again)
+    assert loud.returncode == 0 and "FutureWarning" in loud.stderr, loud.stderr

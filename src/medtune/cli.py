@@ -23,6 +23,7 @@ from rich.text import Text  # noqa: E402
 
 from medtune.config import RunConfig, dump_config, load_config  # noqa: E402
 from medtune.errors import MedtuneError, RunDirError  # noqa: E402
+from medtune.library_output import configure_library_output, is_debug  # noqa: E402
 from medtune.manifest import read_manifest, stage_manifest  # noqa: E402
 
 console = Console()
@@ -404,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    configure_library_output(debug)
+    debug = is_debug()  # torchrun ranks inherit the choice
     try:
         # standalone_mode: click reports its own usage errors (exit 2); ours propagate to here.
         app(args, standalone_mode=True)
