@@ -84,6 +84,7 @@ def _train(
         shard_with_fsdp2(module, cfg.distributed, compute_dtype(cfg.model, info.device))
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, trainable, info)
+    seed_dropout(cfg.seed, info)
 
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size
     plan0 = build_rows(lengths, cfg.packing, cfg.seed, 0)
@@ -183,6 +184,16 @@ def _train(
     if info.is_main:
         print(f"train: done, {pos.step} steps, final loss {last_loss:.4f}; adapter in {out_dir / 'adapter'}")
     return summary
+
+
+def seed_dropout(seed: int, info: DistInfo) -> None:
+    """Give each rank its own random stream from here on, after the shared-seed model init.
+
+    The LoRA weights must start identical on every rank, but dropout masks must not: with one seed
+    everywhere, FSDP ranks drop the same units for their different rows, which is not the dropout
+    the config asked for. A resume replaces this state with the rank's saved one (checkpoint.py).
+    """
+    torch.manual_seed(seed + info.rank)
 
 
 def _optimizer_step(
