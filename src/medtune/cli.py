@@ -219,17 +219,17 @@ def run(
     config: ConfigArg,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Resume training if it was interrupted.")] = False,
-    force: ForceOpt = False,
+    force: Annotated[
+        bool, typer.Option(help="Redo prepare and eval over another config's finished output.")
+    ] = False,
 ) -> None:
     """The whole pipeline: prepare -> train -> eval -> report; finished stages are skipped."""
-    from medtune.pipeline import check_model, check_stages, eval_stage, prepare_stage
+    from medtune.pipeline import check_run, eval_stage, prepare_stage
 
     cfg = _load(config, set_)
-    # Everything that can refuse is checked before prepare/ is touched.
-    check_model(cfg)
-    check_stages(cfg, ("prepare", "train", "eval"), force)
+    check_run(cfg, resume, force)  # before prepare/ is touched
     prepare_stage(cfg, force)
-    _train_stage(cfg, config, set_, resume, force, None)
+    _train_stage(cfg, config, set_, resume, False, None)
     if read_manifest(stage_dir(cfg, "train")) is None:
         return  # stopped by a signal at a checkpoint: `medtune run --resume` continues
     eval_stage(cfg, force=force)

@@ -55,10 +55,19 @@ def finished(cfg: RunConfig, stage: str, stage_dir: Path, force: bool = False) -
     )
 
 
-def check_stages(cfg: RunConfig, stages: tuple[str, ...], force: bool = False) -> None:
-    """Refuse before anything is written when any of `stages` holds another config's output."""
-    for stage in stages:
+def check_run(cfg: RunConfig, resume: bool, force: bool) -> None:
+    """Everything that would make `medtune run` refuse midway, checked before any stage writes:
+    the model directory, other configs' finished stages (`force` redoes prepare and eval, never a
+    finished training), and checkpoints that training would refuse to start over."""
+    from medtune.model.load import read_model_config
+    from medtune.train import check_fresh_start
+
+    read_model_config(cfg.model.path)
+    for stage in ("prepare", "eval"):
         finished(cfg, stage, cfg.output.dir / stage, force)
+    train_dir = cfg.output.dir / "train"
+    if not finished(cfg, "train", train_dir) and not resume:
+        check_fresh_start(train_dir)
 
 
 def require_finished(cfg: RunConfig, stage: str, verb: str) -> Path:
@@ -192,10 +201,3 @@ def torchrun_train(
         raise MedtuneError(
             f"distributed training failed (torchrun exit code {proc.returncode}); see the log above"
         )
-
-
-def check_model(cfg: RunConfig) -> None:
-    """The model directory a run will load, checked before any stage writes."""
-    from medtune.model.load import read_model_config
-
-    read_model_config(cfg.model.path)

@@ -353,12 +353,18 @@ def _resume(
 
 def _start_fresh(out_dir: Path, ckpt_root: Path, metrics_path: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_fresh_start(out_dir)
+    metrics_path.write_text("")
+
+
+def check_fresh_start(out_dir: Path) -> None:
+    """Refuse to train from scratch over another run's checkpoints (also checked before `run` starts)."""
+    ckpt_root = out_dir / "checkpoints"
     if ckpt.complete_checkpoints(ckpt_root):
         raise RunDirError(
             f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
             f"or delete {out_dir} to start over"
         )
-    metrics_path.write_text("")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
