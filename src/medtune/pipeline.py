@@ -90,8 +90,10 @@ def run_stage(stage: str, cfg: RunConfig, work: StageWork, force: bool = False) 
         print(f"{stage}: already finished in {out} (config {cfg.config_hash()}); skipping", flush=True)
         return (read_manifest(out) or {}).get("results") or {}
     aside = _aside(out)
-    if out.exists():
+    if read_manifest(out) is not None:
         os.replace(out, aside)
+    elif out.exists():
+        shutil.rmtree(out)  # an unfinished attempt: nothing in it is worth keeping
     record = start_record(stage, cfg)
     try:
         out.mkdir(parents=True)
