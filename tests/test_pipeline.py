@@ -192,3 +192,47 @@ def test_run_with_a_changed_config_refuses_before_touching_prepare(
     code, _, err = medtune(capsys, "run", data_config(tmp_path, model=model, seed=5))
     assert code == 2 and "`prepare` stage of another config" in err
     assert snapshot(tmp_path / "run" / "prepare") == before
+
+
+def test_train_stage_writes_run_json_last_and_only_when_finished(tmp_path: Path) -> None:
+    from medtune.config import load_config
+    from medtune.errors import RunDirError
+    from medtune.manifest import write_json_atomic
+    from medtune.pipeline import train_stage
+
+    cfg = load_config(data_config(tmp_path))
+    (cfg.output.dir / "prepare").mkdir(parents=True)
+    write_json_atomic(cfg.output.dir / "prepare" / "run.json", {"config_hash": cfg.config_hash()})
+    train_dir = cfg.output.dir / "train"
+    train_dir.mkdir()
+    write_json_atomic(train_dir / "run.json", {"stage": "train", "config_hash": "another"})
+    seen: list[bool] = []
+
+    def fake_train(cfg, prepared, out, resume=False, force=False) -> dict:
+        seen.append((out / "run.json").exists())
+        return {"steps": 4}
+
+    with pytest.raises(RunDirError, match="finished `train` stage of another config"):
+        train_stage(cfg, train=fake_train)
+    assert train_stage(cfg, force=True, train=fake_train) == {"steps": 4}
+    assert seen == [False], "training ran while an old run.json still said the stage was finished"
+    assert json.loads((train_dir / "run.json").read_text())["results"] == {"steps": 4}
+    assert train_stage(cfg, train=fake_train) == {"steps": 4}  # finished: skipped, results read back
+    assert seen == [False]
+
+
+def test_a_stage_killed_after_setting_the_old_folder_aside_gets_it_back(tmp_path: Path) -> None:
+    from medtune.config import load_config
+    from medtune.pipeline import run_stage
+
+    cfg = load_config(data_config(tmp_path))
+    calls: list[Path] = []
+    assert run_stage("eval", cfg, lambda out: calls.append(out) or {"n": 1}) == {"n": 1}
+    out = cfg.output.dir / "eval"
+    # What a kill -9 midway leaves: the finished folder set aside, a half-written one in its place.
+    out.rename(out.with_name(".eval.previous"))
+    out.mkdir()
+    (out / "metrics.json").write_text("{half")
+    assert run_stage("eval", cfg, lambda out: calls.append(out) or {"n": 2}) == {"n": 1}  # finished
+    assert len(calls) == 1 and not (out / "metrics.json").exists()
+    assert not out.with_name(".eval.previous").exists()
