@@ -3,9 +3,9 @@
 Cells cross {LoRA on unquantised weights, QLoRA NF4} x {padded, packed} x {gradient checkpointing
 off, on} x {1 rank, 2 ranks FSDP}, plus chunked cross-entropy off/on when the vocabulary is large
 enough for full logits to matter. Each cell trains in fresh processes (one spawned process, or
-torchrun ranks for 2): peak memory is a per-process high-water mark, so cells sharing a process would inherit
-each other's peaks, and a crashing cell (say, NF4 under FSDP on a CPU build of bitsandbytes) is
-recorded instead of taking the matrix down.
+torchrun ranks for 2): peak memory is a per-process high-water mark, so cells sharing a process
+would inherit each other's peaks, and a crashing cell (say, NF4 under FSDP on a CPU build of
+bitsandbytes) is recorded instead of taking the matrix down.
 
 Per cell, from `train/metrics.jsonl`: peak memory of rank 0 (CUDA allocator peak on GPU, peak RSS
 on CPU), real (non-padding) tokens per second and step time as medians over the steps after the
