@@ -328,6 +328,7 @@ def _warn_empty_sources(cfg: RunConfig, counts: dict[str, SourceCounts]) -> None
 
 
 def _nothing_survived(cfg: RunConfig, counts: dict[str, SourceCounts]) -> str:
+    """The error text: a failed prepare leaves no quarantine.jsonl to look at, so it says it all."""
     paths = _source_paths(cfg)
     per_source = [
         f"{key.split('/', 1)[1]} ({paths.get(key, '?')}): {c.records_in} read, {_losses(c)}"
