@@ -102,6 +102,32 @@ def test_report_shows_a_bench_result(tmp_path: Path) -> None:
     page = (out / "report.html").read_text()
     assert (out / "efficiency.png").read_bytes().startswith(b"\x89PNG")
     assert "no FSDP here" in page and "0.50" in page  # packed halves peak memory in this fake
+    run_json = json.loads((out / "run.json").read_text())  # the report is a stage like the others
+    assert run_json["stage"] == "report" and run_json["source"] == str(tmp_path / "run")
+    assert run_json["seconds"] >= 0 and run_json["versions"]["medtune"]
+
+
+def test_shared_prepare_reuses_the_runs_data_only_when_the_same_config_made_it(tmp_path: Path) -> None:
+    from medtune.bench import _shared_prepare
+    from medtune.config import load_config
+    from medtune.data.prepare import run_prepare
+    from medtune.manifest import read_manifest, write_json_atomic
+
+    from .conftest import EXAMPLES
+
+    base = {"output.dir": str(tmp_path / "run"), "model.path": str(tmp_path / "no-model")}
+    cfg = load_config(EXAMPLES / "quickstart.yaml", base)
+    other = load_config(EXAMPLES / "quickstart.yaml", {**base, "data.mix.ratio": {"ko": 1, "en": 0}})
+    run_prepare(other, tmp_path / "run" / "prepare")  # the run dir holds another mix, finished
+    finished = {"stage": "prepare", "config_hash": other.config_hash()}
+    write_json_atomic(tmp_path / "run" / "prepare" / "run.json", finished)
+
+    prepared = _shared_prepare(cfg, tmp_path / "bench")
+    assert prepared == tmp_path / "bench" / "prepare"
+    langs = {json.loads(line)["language"] for line in (prepared / "train.jsonl").read_text().splitlines()}
+    assert langs == {"ko", "en"}, "the bench trained on a mix its config did not ask for"
+    assert read_manifest(prepared)["config"]["data"]["mix"]["ratio"] == {"ko": 1, "en": 1}
+    assert _shared_prepare(other, tmp_path / "bench2") == tmp_path / "run" / "prepare"
 
 
 @pytest.mark.slow

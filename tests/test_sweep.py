@@ -75,7 +75,9 @@ class FakeStages:
         (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
         return manifest
 
-    def train(self, cfg: Any, prepare_dir: Path, out: Path, resume: bool = False) -> dict:
+    def train(
+        self, cfg: Any, prepare_dir: Path, out: Path, resume: bool = False, force: bool = False
+    ) -> dict:
         name = out.parent.name
         self.calls.append(("train", name, resume))
         if name in self.fail:

@@ -295,3 +295,46 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path: Path, tiny_l
     cfg_path = make_run(tmp_path, tiny_llama_dir, train={"max_steps": 1, "tensorboard": True})
     with pytest.raises(MedtuneError, match="pip install tensorboard"):
         train_in_process(cfg_path)
+
+
+RECORD_DROPOUT_RNG = """
+import hashlib, os, sys
+import torch
+from medtune.config import load_config
+from medtune.train import run_train
+
+seen = []
+plain_forward = torch.nn.Dropout.forward
+
+
+def recording_forward(self, x):
+    if not seen:  # the random state the first dropout mask of the run is drawn from
+        seen.append(hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest())
+    return plain_forward(self, x)
+
+
+torch.nn.Dropout.forward = recording_forward
+cfg = load_config(sys.argv[1])
+run_train(cfg, cfg.output.dir / "prepare", cfg.output.dir / "train")
+(cfg.output.dir / f"dropout-rng-rank{os.environ['RANK']}.txt").write_text(seen[0])
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_ranks_draw_different_dropout_masks(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Identical LoRA init on both ranks (the parity test above), but each rank its own dropout stream."""
+    cfg_path = make_run(tmp_path, tiny_llama_dir, lora={"dropout": 0.1}, train={"max_steps": 1})
+    script = tmp_path / "record_dropout_rng.py"
+    script.write_text(RECORD_DROPOUT_RNG)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*cmd, str(script), str(cfg_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    states = [(tmp_path / "run" / f"dropout-rng-rank{r}.txt").read_text() for r in (0, 1)]
+    assert states[0] != states[1], "both ranks drew their dropout masks from the same random state"

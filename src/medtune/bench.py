@@ -2,10 +2,10 @@
 
 Cells cross {LoRA on unquantised weights, QLoRA NF4} x {padded, packed} x {gradient checkpointing
 off, on} x {1 rank, 2 ranks FSDP}, plus chunked cross-entropy off/on when the vocabulary is large
-enough for full logits to matter. Each cell is `medtune train` in its own subprocess (torchrun for
-2 ranks): peak memory is a per-process high-water mark, so cells sharing a process would inherit
-each other's peaks, and a crashing cell (say, NF4 under FSDP on a CPU build of bitsandbytes) is
-recorded instead of taking the matrix down.
+enough for full logits to matter. Each cell trains in fresh processes (one spawned process, or
+torchrun ranks for 2): peak memory is a per-process high-water mark, so cells sharing a process
+would inherit each other's peaks, and a crashing cell (say, NF4 under FSDP on a CPU build of
+bitsandbytes) is recorded instead of taking the matrix down.
 
 Per cell, from `train/metrics.jsonl`: peak memory of rank 0 (CUDA allocator peak on GPU, peak RSS
 on CPU), real (non-padding) tokens per second and step time as medians over the steps after the
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -31,8 +32,12 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.table import Table
 
-from medtune.config import RunConfig, dump_config
-from medtune.manifest import read_manifest, stage_manifest, write_json_atomic
+from medtune.config import RunConfig, dump_config, load_config
+from medtune.data.prepare import run_prepare
+from medtune.errors import MedtuneError
+from medtune.manifest import read_manifest, write_json_atomic
+from medtune.offline import enforce_offline
+from medtune.pipeline import run_stage, torchrun_train, train_stage
 
 LARGE_VOCAB = 32_768  # where train.chunked_ce=auto switches on: below it full logits are cheap
 SMOKE_CELLS = ("lora-padded-gc0-r1", "lora-packed-gc0-r1", "qlora-packed-gc0-r1", "lora-packed-gc1-r1")
@@ -167,17 +172,15 @@ def run_bench(
 
 
 def _shared_prepare(cfg: RunConfig, out_dir: Path) -> Path:
-    """The prepared data every cell trains on: the run's own, or prepared once here."""
+    """The prepared data every cell trains on: the run's own if this very config finished it, else
+    prepared once under `out_dir` (redone there when an earlier bench prepared another config)."""
     existing = cfg.output.dir / "prepare"
-    if read_manifest(existing) is not None:
+    if (read_manifest(existing) or {}).get("config_hash") == cfg.config_hash():
         return existing
-    from medtune.data.prepare import run_prepare
-
-    prepared = out_dir / "prepare"
-    if read_manifest(prepared) is None:
-        with stage_manifest("prepare", cfg, prepared) as manifest:
-            manifest["results"] = run_prepare(cfg, prepared)
-    return prepared
+    own = cfg.model_copy(deep=True)
+    own.output.dir = out_dir
+    run_stage("prepare", own, lambda out: run_prepare(own, out), force=True)
+    return out_dir / "prepare"
 
 
 def _run_cell(
@@ -191,6 +194,8 @@ def _run_cell(
 ) -> dict[str, Any]:
     cell_dir.mkdir(parents=True, exist_ok=True)
     link = cell_dir / "prepare"
+    if link.is_symlink() and link.resolve() != prepared.resolve():
+        link.unlink()  # from a bench that prepared elsewhere
     if not link.exists():
         link.symlink_to(prepared, target_is_directory=True)
     overrides = {
@@ -200,11 +205,6 @@ def _run_cell(
         "train.log_every": 1,
         "train.save_every": None,
     }
-    cmd = [sys.executable, "-m", "medtune", "train", str(config_path)]
-    for key, value in overrides.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]  # JSON is YAML: true/null/strings parse back exactly
-    if cell.nproc > 1:
-        cmd += ["--nproc", str(cell.nproc)]
     record: dict[str, Any] = {
         "name": cell.name,
         "nproc": cell.nproc,
@@ -216,15 +216,51 @@ def _run_cell(
     }
     _clear_previous(cell_dir / "train")
     try:
-        with open(cell_dir / "train.log", "w", encoding="utf-8") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, env=env)
-        rows = _read_metrics(cell_dir / "train" / "metrics.jsonl")
-        if proc.returncode != 0:
-            raise RuntimeError(f"exit code {proc.returncode}: {_log_tail(cell_dir / 'train.log')}")
-        record.update(summarize_metrics(rows))
-    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
-        record.update(status="failed", error=str(exc)[:600])
+        _train_in_fresh_processes(cell.nproc, config_path, overrides, cell_dir / "train.log", env, timeout_s)
+        record.update(summarize_metrics(_read_metrics(cell_dir / "train" / "metrics.jsonl")))
+    except (MedtuneError, RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        record.update(status="failed", error=f"{exc}: {_log_tail(cell_dir / 'train.log')}"[:600])
     return record
+
+
+def _train_in_fresh_processes(
+    nproc: int,
+    config_path: Path,
+    overrides: dict[str, Any],
+    log_path: Path,
+    env: dict[str, str],
+    timeout_s: int,
+) -> None:
+    """Train one cell in new processes: torchrun ranks for nproc > 1, else one spawned process."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        if nproc > 1:
+            # JSON is YAML: true/null/strings parse back exactly
+            sets = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+            torchrun_train(nproc, config_path, sets, log=log, env=env, timeout_s=timeout_s)
+            return
+    cell_cfg = load_config(config_path, overrides)
+    proc = multiprocessing.get_context("spawn").Process(
+        target=_train_child, args=(cell_cfg, str(log_path), env["OMP_NUM_THREADS"])
+    )
+    proc.start()
+    proc.join(timeout_s)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        raise RuntimeError(f"timed out after {timeout_s} s")
+    if proc.exitcode != 0:
+        raise RuntimeError(f"exit code {proc.exitcode}")
+
+
+def _train_child(cfg: RunConfig, log_path: str, threads: str) -> None:
+    """A spawned cell: its own thread budget (set before torch loads) and its output in the cell log."""
+    os.environ["OMP_NUM_THREADS"] = threads
+    enforce_offline()
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    train_stage(cfg)
 
 
 def _clear_previous(train_dir: Path) -> None:

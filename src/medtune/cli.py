@@ -22,9 +22,9 @@ from rich.console import Console  # noqa: E402
 from rich.text import Text  # noqa: E402
 
 from medtune.config import RunConfig, dump_config, load_config  # noqa: E402
-from medtune.errors import MedtuneError, RunDirError  # noqa: E402
+from medtune.errors import MedtuneError  # noqa: E402
 from medtune.library_output import configure_library_output, is_debug  # noqa: E402
-from medtune.manifest import read_manifest, stage_manifest  # noqa: E402
+from medtune.manifest import read_manifest  # noqa: E402
 
 console = Console()
 err_console = Console(stderr=True)
@@ -144,22 +144,17 @@ def model_import(
 # ---------------------------------------------------------------- pipeline stages
 
 
-def _require_stage(cfg: RunConfig, stage: str, verb: str) -> Path:
-    path = stage_dir(cfg, stage)
-    if read_manifest(path) is None:
-        raise RunDirError(f"{path} has no finished `{stage}` stage (no run.json): run `medtune {verb}` first")
-    return path
+ForceOpt = Annotated[
+    bool, typer.Option(help="Redo the stage even if output.dir holds it finished with another config.")
+]
 
 
 @app.command()
-def prepare(config: ConfigArg, set_: SetOpt = None) -> None:
+def prepare(config: ConfigArg, set_: SetOpt = None, force: ForceOpt = False) -> None:
     """Read, validate, scrub, dedupe and mix the data; write output.dir/prepare/."""
-    from medtune.data.prepare import run_prepare
+    from medtune.pipeline import prepare_stage
 
-    cfg = _load(config, set_)
-    out = stage_dir(cfg, "prepare")
-    with stage_manifest("prepare", cfg, out) as manifest:
-        manifest["results"] = run_prepare(cfg, out)
+    prepare_stage(_load(config, set_), force)
 
 
 @data_app.command("inspect")
@@ -192,26 +187,16 @@ def train(
 def _train_stage(
     cfg: RunConfig, config: Path, set_: list[str] | None, resume: bool, force: bool, nproc: int | None
 ) -> None:
-    from medtune.distributed import relaunch_with_torchrun
+    """Train here, or (nproc > 1, not yet under torchrun) relaunch this command under torchrun."""
+    from medtune.pipeline import finished, require_finished, torchrun_train, train_stage
 
     nproc = nproc or cfg.distributed.nproc
-    prepared = _require_stage(cfg, "prepare", "prepare")
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        argv = ["train", str(config), *[a for s in (set_ or []) for a in ("--set", s)]]
-        argv += ["--resume"] * resume + ["--force"] * force
-        code = relaunch_with_torchrun(nproc, argv)
-        if code != 0:
-            raise MedtuneError(f"distributed training failed (torchrun exit code {code}); see the log above")
+        require_finished(cfg, "prepare", "prepare")
+        if not finished(cfg, "train", cfg.output.dir / "train", force):
+            torchrun_train(nproc, config, set_ or [], resume, force)
         return
-    from medtune.train import run_train
-
-    out = stage_dir(cfg, "train")
-    rank0 = os.environ.get("RANK", "0") == "0"
-    with stage_manifest("train", cfg, out, write=rank0) as manifest:
-        results = run_train(cfg, prepared, out, resume=resume, force=force)
-        if "stopped_at_step" in results:  # a checkpoint, not a finished stage: no run.json
-            raise typer.Exit(0)
-        manifest["results"] = results
+    train_stage(cfg, resume, force)  # a signal stop leaves a checkpoint and exits 0
 
 
 @app.command("eval")
@@ -219,16 +204,12 @@ def evaluate(
     config: ConfigArg,
     set_: SetOpt = None,
     base_only: Annotated[bool, typer.Option(help="Score the base model only.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Score the base and fine-tuned models on the eval sets; write output.dir/eval/."""
-    from medtune.evaluate.run import run_eval
+    from medtune.pipeline import eval_stage
 
-    cfg = _load(config, set_)
-    prepared = _require_stage(cfg, "prepare", "prepare")
-    trained = None if base_only else _require_stage(cfg, "train", "train")
-    out = stage_dir(cfg, "eval")
-    with stage_manifest("eval", cfg, out) as manifest:
-        manifest["results"] = run_eval(cfg, prepared, trained, out)
+    eval_stage(_load(config, set_), base_only, force)
 
 
 @app.command()
@@ -249,12 +230,20 @@ def run(
     config: ConfigArg,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="Resume training if it was interrupted.")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Redo prepare and eval over another config's finished output.")
+    ] = False,
 ) -> None:
-    """The whole pipeline: prepare -> train -> eval -> report."""
+    """The whole pipeline: prepare -> train -> eval -> report; finished stages are skipped."""
+    from medtune.pipeline import check_run, eval_stage, prepare_stage
+
     cfg = _load(config, set_)
-    prepare(config, set_)
+    check_run(cfg, resume, force)  # before prepare/ is touched
+    prepare_stage(cfg, force)
     _train_stage(cfg, config, set_, resume, False, None)
-    evaluate(config, set_)
+    if read_manifest(stage_dir(cfg, "train")) is None:
+        return  # stopped by a signal at a checkpoint: `medtune run --resume` continues
+    eval_stage(cfg, force=force)
     report_dir = _report(cfg.output.dir)
     console.print(f"\nreport: [bold]{report_dir / 'report.html'}[/bold]")
 

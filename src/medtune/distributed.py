@@ -9,8 +9,6 @@ that computes the loss, so its parameters are gathered for the whole loss comput
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,13 +82,3 @@ def shard_with_fsdp2(root: nn.Module, cfg: DistributedConfig, compute_dtype: tor
     # The root is not resharded after forward: backward needs its parameters straight away.
     fully_shard(root, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     return root
-
-
-def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run `python -m medtune <argv>` under torchrun with `nproc` processes; return its exit code.
-
-    torchrun is started as `<this python> -m torch.distributed.run`, not found on PATH, so the
-    ranks run in the same environment as the command the user typed.
-    """
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.call([*cmd, "-m", "medtune", *argv])

@@ -12,8 +12,6 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,34 +58,39 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-@contextmanager
-def stage_manifest(stage: str, cfg: RunConfig, out_dir: Path, write: bool = True) -> Iterator[dict[str, Any]]:
-    """Time a stage and write `out_dir/run.json` when it completes.
+def start_record(stage: str, cfg: RunConfig | None) -> dict[str, Any]:
+    """What a stage's `run.json` says about its inputs; the stage adds `results` as it finishes.
 
-    Yields a dict the stage can add results to (`manifest["results"] = ...`). Nothing is written
-    if the stage raises: a manifest means the stage finished. `write=False` on non-zero ranks.
+    `cfg` is None for a stage that reads finished run dirs instead of a config (`report`).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    record: dict[str, Any] = {
-        "stage": stage,
-        "config_hash": cfg.config_hash(),
-        "seed": cfg.seed,
-        "config": cfg.model_dump(mode="json"),
-        "versions": package_versions(),
-        "git_revision": git_revision(),
-        "python": platform.python_version(),
-        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-    }
-    yield record
-    record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record: dict[str, Any] = {"stage": stage}
+    if cfg is not None:
+        record.update(config_hash=cfg.config_hash(), seed=cfg.seed, config=cfg.model_dump(mode="json"))
+    record.update(
+        versions=package_versions(),
+        git_revision=git_revision(),
+        python=platform.python_version(),
+        host={"platform": platform.platform(), "cpus": os.cpu_count()},
+        started_at=_utc(time.time()),
+        _started=time.time(),
+    )
+    return record
+
+
+def finish_record(record: dict[str, Any], out_dir: Path) -> None:
+    """Write `out_dir/run.json`: the last file a stage writes, so its presence means "complete"."""
+    started = record.pop("_started")
+    record["finished_at"] = _utc(time.time())
     record["seconds"] = round(time.time() - started, 3)
-    if write:
-        write_json_atomic(out_dir / "run.json", record)
+    write_json_atomic(out_dir / "run.json", record)
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The stage's `run.json`, or None when the stage has not finished there."""
     path = stage_dir / "run.json"
     if not path.is_file():
         return None

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from medtune.config import RunConfig, load_config
-from medtune.errors import ConfigError, MedtuneError, RunDirError
-from medtune.manifest import read_manifest, stage_manifest, write_json_atomic
+from medtune.errors import ConfigError, MedtuneError
+from medtune.manifest import write_json_atomic
+from medtune.pipeline import finished, run_stage, train_stage
 
 SWEEP_FILE = "sweep.json"
 NLL_VS_BASE = "nll_vs_base.json"
@@ -169,8 +170,8 @@ def _run_base(cfg: RunConfig, sweep_dir: Path, stages: Stages) -> dict[str, Any]
         "metrics": "base/eval/metrics.json",
     }
     try:
-        _stage("prepare", base, lambda: stages.prepare(base, base_dir / "prepare"))
-        _stage("eval", base, lambda: stages.evaluate(base, base_dir / "prepare", None, base_dir / "eval"))
+        run_stage("prepare", base, lambda out: stages.prepare(base, out))
+        run_stage("eval", base, lambda out: stages.evaluate(base, base_dir / "prepare", None, out))
         entry["eval_sha256"] = _sha256(base_dir / "prepare" / "eval.jsonl")
     except Exception as exc:  # noqa: BLE001 - recorded; the cells still train and score their tuned model
         entry.update(status="failed", error=_describe(exc, base_dir))
@@ -199,15 +200,15 @@ def _run_cell(
     }
     started = time.time()
     try:
-        if _finished(ccfg, run_dir / "eval"):
+        if finished(ccfg, "eval", run_dir / "eval"):
             entry["status"] = "skipped"  # finished by an earlier invocation of this sweep
             if not (run_dir / "eval" / "compare.json").is_file():  # the base had failed back then
-                entry.update(_compare_with_base(ccfg, run_dir, sweep_dir, base, stages))
+                entry.update(_compare_with_base(ccfg, run_dir / "eval", sweep_dir, base, stages))
                 entry.pop("vs_base_all", None)
             return entry
         (run_dir / "error.log").unlink(missing_ok=True)  # from an earlier failed attempt
         entry["stage"] = "prepare"
-        _stage("prepare", ccfg, lambda: stages.prepare(ccfg, run_dir / "prepare"))
+        run_stage("prepare", ccfg, lambda out: stages.prepare(ccfg, out))
         entry["stage"] = "train"
         _train_cell(ccfg, run_dir, stages)
         entry["stage"] = "eval"
@@ -222,42 +223,40 @@ def _run_cell(
 
 
 def _train_cell(ccfg: RunConfig, run_dir: Path, stages: Stages) -> None:
-    train_dir = run_dir / "train"
-    if _finished(ccfg, train_dir):
-        return
     # run_train(resume=True) continues from the latest *complete* checkpoint and starts fresh when
     # there is none, so any checkpoint folder is reason enough to ask for a resume.
-    resume = (train_dir / "checkpoints").is_dir()
-    with stage_manifest("train", ccfg, train_dir) as manifest:
-        results = stages.train(ccfg, run_dir / "prepare", train_dir, resume=resume)
-        if "stopped_at_step" in results:  # a checkpoint, not a finished stage: no run.json
-            raise SweepInterrupted(
-                f"training of {run_dir.name} stopped by a signal at step "
-                f"{results['stopped_at_step']}; run the sweep again to resume"
-            )
-        manifest["results"] = results | {"resumed": resume}
+    resume = (run_dir / "train" / "checkpoints").is_dir()
+    results = train_stage(ccfg, resume=resume, train=stages.train)
+    if "stopped_at_step" in results:  # a checkpoint, not a finished stage: no run.json
+        raise SweepInterrupted(
+            f"training of {run_dir.name} stopped by a signal at step "
+            f"{results['stopped_at_step']}; run the sweep again to resume"
+        )
 
 
 def _eval_cell(
     ccfg: RunConfig, run_dir: Path, sweep_dir: Path, base: dict[str, Any], stages: Stages
 ) -> dict[str, Any]:
-    """Score the tuned model, then pair it with the shared base predictions (inside one manifest, so a
+    """Score the tuned model, then pair it with the shared base predictions (one stage, so a
     finished eval/run.json means the comparison exists too, unless the base model failed)."""
-    with stage_manifest("eval", ccfg, run_dir / "eval") as manifest:
-        results = stages.evaluate(ccfg, run_dir / "prepare", run_dir / "train", run_dir / "eval")
-        notes = _compare_with_base(ccfg, run_dir, sweep_dir, base, stages)
-        manifest["results"] = {"eval": results, "vs_base_all": notes.pop("vs_base_all", None)}
+    notes: dict[str, Any] = {}
+
+    def evaluate(out: Path) -> dict[str, Any]:
+        results = stages.evaluate(ccfg, run_dir / "prepare", run_dir / "train", out)
+        notes.update(_compare_with_base(ccfg, out, sweep_dir, base, stages))
+        return {"eval": results, "vs_base_all": notes.pop("vs_base_all", None)}
+
+    run_stage("eval", ccfg, evaluate)
     return notes
 
 
 def _compare_with_base(
-    ccfg: RunConfig, run_dir: Path, sweep_dir: Path, base: dict[str, Any], stages: Stages
+    ccfg: RunConfig, eval_dir: Path, sweep_dir: Path, base: dict[str, Any], stages: Stages
 ) -> dict[str, Any]:
     """Pair the cell's tuned predictions with the base's, by item id, into the cell's eval/compare.json."""
     base_preds = sweep_dir / base.get("predictions", "base/eval/base/predictions.jsonl")
     if base.get("status") != "ok" or not base_preds.is_file():
         return {"same_eval_set": None, "compare_skipped": "the base model was not scored (see base.error)"}
-    eval_dir = run_dir / "eval"
     compared = stages.compare(
         base_preds,
         eval_dir / "tuned" / "predictions.jsonl",
@@ -269,7 +268,7 @@ def _compare_with_base(
     _compare_nll_with_base(ccfg, base_preds.parent / "nll.jsonl", eval_dir)
     # Cells see the same eval items when prepare wrote byte-identical eval.jsonl files; the compare
     # stage pairs by id anyway, and reports items only one side has.
-    same = _sha256(run_dir / "prepare" / "eval.jsonl") == base.get("eval_sha256")
+    same = _sha256(ccfg.output.dir / "prepare" / "eval.jsonl") == base.get("eval_sha256")
     return {"same_eval_set": same, "vs_base_all": (compared.get("groups") or {}).get("all")}
 
 
@@ -284,29 +283,6 @@ def _compare_nll_with_base(ccfg: RunConfig, base_nll: Path, eval_dir: Path) -> N
             read_nll(base_nll), read_nll(tuned_nll), group_keys(ccfg), ccfg.eval.bootstrap_samples, ccfg.seed
         )
         write_json_atomic(eval_dir / NLL_VS_BASE, pairs)
-
-
-def _stage(name: str, cfg: RunConfig, run: Callable[[], dict]) -> None:
-    """Run one stage under its manifest, unless a manifest of the same config says it already ran."""
-    out = cfg.output.dir / name
-    if _finished(cfg, out):
-        return
-    with stage_manifest(name, cfg, out) as manifest:
-        manifest["results"] = run()
-
-
-def _finished(cfg: RunConfig, stage_dir: Path) -> bool:
-    """True when `stage_dir` holds this config's finished stage; an error when it holds another config's."""
-    manifest = read_manifest(stage_dir)
-    if manifest is None:
-        return False
-    if manifest.get("config_hash") != cfg.config_hash():
-        raise RunDirError(
-            f"{stage_dir} holds a `{manifest.get('stage')}` stage of another config "
-            f"(hash {manifest.get('config_hash')}, now {cfg.config_hash()}); delete the cell "
-            "folder to redo it, or give the sweep another --out"
-        )
-    return True
 
 
 def _describe(exc: BaseException, run_dir: Path) -> str:

@@ -84,6 +84,7 @@ def _train(
         shard_with_fsdp2(module, cfg.distributed, compute_dtype(cfg.model, info.device))
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, trainable, info)
+    seed_dropout(cfg.seed, info)
 
     rows_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * info.world_size
     plan0 = build_rows(lengths, cfg.packing, cfg.seed, 0)
@@ -183,6 +184,16 @@ def _train(
     if info.is_main:
         print(f"train: done, {pos.step} steps, final loss {last_loss:.4f}; adapter in {out_dir / 'adapter'}")
     return summary
+
+
+def seed_dropout(seed: int, info: DistInfo) -> None:
+    """Give each rank its own random stream from here on, after the shared-seed model init.
+
+    The LoRA weights must start identical on every rank, but dropout masks must not: with one seed
+    everywhere, FSDP ranks drop the same units for their different rows, which is not the dropout
+    the config asked for. A resume replaces this state with the rank's saved one (checkpoint.py).
+    """
+    torch.manual_seed(seed + info.rank)
 
 
 def _optimizer_step(
@@ -342,12 +353,18 @@ def _resume(
 
 def _start_fresh(out_dir: Path, ckpt_root: Path, metrics_path: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_fresh_start(out_dir)
+    metrics_path.write_text("")
+
+
+def check_fresh_start(out_dir: Path) -> None:
+    """Refuse to train from scratch over another run's checkpoints (also checked before `run` starts)."""
+    ckpt_root = out_dir / "checkpoints"
     if ckpt.complete_checkpoints(ckpt_root):
         raise RunDirError(
             f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
             f"or delete {out_dir} to start over"
         )
-    metrics_path.write_text("")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

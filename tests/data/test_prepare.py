@@ -10,7 +10,14 @@ import pytest
 
 from medtune.config import validate_config
 from medtune.data.inspect import run_inspect
-from medtune.data.prepare import OUTPUTS, load_prepared_dataset, read_prepared, run_prepare, training_text
+from medtune.data.prepare import (
+    OUTPUTS,
+    load_prepared_dataset,
+    read_prepared,
+    run_prepare,
+    source_table,
+    training_text,
+)
 from medtune.data.schema import Record
 from medtune.errors import DataError, RunDirError
 
@@ -174,3 +181,53 @@ def test_sources_with_one_default_name_are_told_apart_and_repeated_names_refused
         src.name = "mine"
     with pytest.raises(DataError, match=r"data.train\[0\] and data.train\[1\] are both named 'mine'"):
         run_prepare(cfg, tmp_path / "r" / "prepare")
+
+
+def _broken_source(tmp: Path) -> dict:
+    path = tmp / "broken.jsonl"
+    # Objects, so the file as a whole is JSON lines, but no row is usable (a whole file of
+    # non-JSON is one error naming the file, before any row is read).
+    path.write_text('{"note": "no question here"}\n' * 3 + "{also not json\n", encoding="utf-8")
+    return {"path": str(path), "format": "jsonl", "name": "broken"}
+
+
+def test_a_source_that_keeps_nothing_is_named_on_stderr(tmp_path, capsys):
+    medqa = {"path": str(EXAMPLES / "medqa" / "train.jsonl"), "name": "medqa"}
+    cfg = config(tmp_path, train=[medqa, _broken_source(tmp_path)], mix={"ratio": None})
+    manifest = run_prepare(cfg, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert "warning: train source 'broken'" in err and str(tmp_path / "broken.jsonl") in err
+    assert "0 of 4 records kept" in err and "'empty' x3, 'unparseable JSON' x1" in err
+    assert manifest["sources"]["train/broken"]["quarantined"] == 4
+
+
+def test_nothing_surviving_names_each_source_and_its_top_reasons(tmp_path):
+    cfg = config(tmp_path, train=[_broken_source(tmp_path)])
+    with pytest.raises(DataError) as error:
+        run_prepare(cfg, tmp_path / "out")
+    message = str(error.value)
+    assert "broken" in message and str(tmp_path / "broken.jsonl") in message
+    assert "4 read" in message and "'empty' x3, 'unparseable JSON' x1" in message
+
+
+def test_source_table_rows_add_up(prepared):
+    from rich.console import Console
+
+    _, manifest = prepared
+    console = Console(record=True, width=200)
+    console.print(source_table(manifest))
+    rows = [line for line in console.export_text().splitlines() if line.startswith("│")]
+    for key, c in manifest["sources"].items():
+        row = next(line for line in rows if line.split("│")[1].strip() == key.split("/", 1)[1])
+        cells = [cell.strip().replace(",", "") for cell in row.split("│")[3:-1]]
+        assert [int(x) for x in cells[:5]] == [
+            c["records_in"],
+            c["kept"],
+            c["quarantined"],
+            c["deduplicated"],
+            c["contaminated_removed"],
+        ]
+        assert int(cells[0]) == sum(int(x) for x in cells[1:5])
+        assert cells[5] == (str(c["mixed"]) if c["role"] == "train" else "")
+    total = next(line for line in rows if line.split("│")[1].strip() == "all")
+    assert total.split("│")[-2].strip().replace(",", "") == str(manifest["totals"]["train_records"])

@@ -127,9 +127,10 @@ def test_empty_file_is_a_clear_data_error(tmp_path):
 
 def test_all_rows_bad_is_a_data_error_not_an_empty_dataset(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "q", "options": ["a", "b"], "answer": "Z"}\n')
-    with pytest.raises(DataError, match="no training records survived"):
+    with pytest.raises(DataError, match="no training record survived") as error:
         _prepare(tmp_path / "bad.jsonl", tmp_path / "out")
-    assert "not among the 2 options" in (tmp_path / "out" / "quarantine.jsonl").read_text()
+    # The message itself names the file, line and reason: a failed stage leaves no quarantine to read.
+    assert f"{tmp_path / 'bad.jsonl'}:1: answer 'Z' is not among the 2 options" in str(error.value)
 
 
 def test_a_field_over_max_field_chars_is_quarantined_naming_field_and_length(tmp_path):

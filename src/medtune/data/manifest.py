@@ -35,6 +35,8 @@ class SourceCounts:
     languages: Counter[str] = field(default_factory=Counter)
     pii: Counter[str] = field(default_factory=Counter)
     quarantine_reasons: Counter[str] = field(default_factory=Counter)
+    quarantine_examples: dict[str, str] = field(default_factory=dict)
+    """The first reject of each reason class, in full (`file:line: reason`): what to fix first."""
 
     @property
     def deduplicated(self) -> int:
@@ -50,7 +52,7 @@ class SourceCounts:
         # Not dataclasses.asdict: it rebuilds a Counter from (key, value) pairs and counts the pairs.
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["deduplicated"] = self.deduplicated
-        for key in ("languages", "pii", "quarantine_reasons"):
+        for key in ("languages", "pii", "quarantine_reasons", "quarantine_examples"):
             out[key] = dict(sorted(out[key].items()))
         return out
 

@@ -21,6 +21,7 @@ from typing import IO, Any
 import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from medtune.config import RunConfig, SourceConfig
 from medtune.data.contamination import ContaminationIndex
@@ -122,7 +123,9 @@ def _validated(
                 )
         if isinstance(item, Rejected):
             counts.quarantined += 1
-            counts.quarantine_reasons[reason_class(item.reason)] += 1
+            kind = reason_class(item.reason)
+            counts.quarantine_reasons[kind] += 1
+            counts.quarantine_examples.setdefault(kind, f"{item.file}:{item.line}: {item.reason}")
             sinks.quarantine.write(dump_line({"role": role, **item.to_json()}))
             continue
         item["language"] = src.language if src.language != "auto" else record_language(item)  # type: ignore[typeddict-item]
@@ -287,8 +290,9 @@ def run_prepare(cfg: RunConfig, out_dir: Path, count_tokens: TokenCounter | None
         if cfg.data.mix.by == "tokens"
         else np.ones(len(cands.languages), dtype=np.int64)
     )
+    _warn_empty_sources(cfg, got.counts)
     if cfg.data.train and not cands.languages:
-        raise DataError("data.train: no training records survived validation; see quarantine.jsonl")
+        raise DataError(_nothing_survived(cfg, got.counts))
     # An eval-only config (e.g. to score a base model) has nothing to mix.
     mix_cfg = cfg.data.mix if cfg.data.train else cfg.data.mix.model_copy(update={"ratio": None})
     mix = plan_mix(cands.languages, cands.strata, weights, mix_cfg, cfg.seed)
@@ -324,6 +328,85 @@ def run_prepare(cfg: RunConfig, out_dir: Path, count_tokens: TokenCounter | None
     }
     write_json(out_dir / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _source_paths(cfg: RunConfig) -> dict[str, Path]:
+    """`role/name` (the key of manifest["sources"]) -> the file or folder it was read from."""
+    roles = (("eval", cfg.data.eval), ("train", cfg.data.train))
+    return {
+        f"{role}/{source_name(src)}": src.path
+        for role, sources in roles
+        for src in named_sources(sources, f"data.{role}")
+    }
+
+
+def _losses(c: SourceCounts) -> str:
+    """Where one source's records went instead of the output, top quarantine reasons first."""
+    parts = []
+    if c.quarantined:
+        top = ", ".join(f"{reason!r} x{n}" for reason, n in c.quarantine_reasons.most_common(3))
+        first = c.quarantine_examples[c.quarantine_reasons.most_common(1)[0][0]]
+        parts.append(f"{c.quarantined} quarantined (top reasons: {top}; first: {first})")
+    if c.deduplicated:
+        parts.append(f"{c.deduplicated} duplicates")
+    if c.contaminated_removed:
+        parts.append(f"{c.contaminated_removed} removed as eval contamination")
+    return "; ".join(parts) or "no records in it"
+
+
+def _warn_empty_sources(cfg: RunConfig, counts: dict[str, SourceCounts]) -> None:
+    """A source that contributes nothing is usually a wrong path, format or split: say so on stderr."""
+    paths = _source_paths(cfg)
+    for key, c in counts.items():
+        if c.kept == 0:
+            print(
+                f"warning: {c.role} source {key.split('/', 1)[1]!r} ({paths.get(key, '?')}): 0 of "
+                f"{c.records_in} records kept; {_losses(c)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _nothing_survived(cfg: RunConfig, counts: dict[str, SourceCounts]) -> str:
+    """The error text: a failed prepare leaves no quarantine.jsonl to look at, so it says it all."""
+    paths = _source_paths(cfg)
+    per_source = [
+        f"{key.split('/', 1)[1]} ({paths.get(key, '?')}): {c.records_in} read, {_losses(c)}"
+        for key, c in counts.items()
+        if c.role == "train"
+    ]
+    return (
+        "data.train: no training record survived the filters. "
+        + " | ".join(per_source)
+        + ". Check each source's path, format and split (`medtune data inspect` shows the figures)."
+    )
+
+
+SUMMARY_COLUMNS = (
+    ("in", "records_in"),
+    ("kept", "kept"),
+    ("quarantined", "quarantined"),
+    ("deduplicated", "deduplicated"),
+    ("contamination removed", "contaminated_removed"),
+    ("in train.jsonl", "mixed"),
+)
+
+
+def source_table(manifest: dict[str, Any]) -> Table:
+    """Per source, where its records went (in = kept + quarantined + deduplicated + removed)."""
+    table = Table(title="prepare: records per source")
+    table.add_column("source")
+    table.add_column("role")
+    for title, _ in SUMMARY_COLUMNS:
+        table.add_column(title, justify="right")
+    sources = manifest["sources"]
+    for key, c in sources.items():
+        mixed_is_meaningful = c["role"] == "train"
+        cells = [f"{c[k]:,}" if k != "mixed" or mixed_is_meaningful else "" for _, k in SUMMARY_COLUMNS]
+        table.add_row(key.split("/", 1)[1], c["role"], *cells, style=None if c["kept"] else "red")
+    totals = [f"{sum(c[k] for c in sources.values()):,}" for _, k in SUMMARY_COLUMNS]
+    table.add_row("all", "", *totals, style="bold")
+    return table
 
 
 def _totals(counts: dict[str, SourceCounts], train_n: int, eval_n: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from medtune.evaluate.nll import nll_rows
+from medtune.manifest import finish_record, start_record
 from medtune.report.plots import Bar, accuracy_chart, efficiency_chart, loss_chart
 
 SIGNIFICANCE_LEVEL = 0.05
@@ -80,6 +81,10 @@ def run_report(run_dir: Path, out_dir: Path) -> Path:
     """Write `report.html`, `report.md` and the charts for a run dir or a sweep dir; return `out_dir`."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "run.json").unlink(missing_ok=True)  # written last: present means complete
+    record = start_record("report", None)
+    record["source"] = str(run_dir)
+    record["config_hash"] = reported_config_hash(run_dir)
     doc = Doc(out_dir)
     if (run_dir / "sweep.json").is_file():
         title = f"medtune sweep report: {run_dir.name}"
@@ -96,6 +101,7 @@ def run_report(run_dir: Path, out_dir: Path) -> Path:
         template.substitute(title=html.escape(title), body=body), encoding="utf-8"
     )
     (out_dir / "report.md").write_text(f"# {title}\n\n" + _render_md(doc), encoding="utf-8")
+    finish_record(record, out_dir)
     return out_dir
 
 
@@ -118,6 +124,15 @@ def run_config(run_dir: Path) -> dict[str, Any] | None:
         manifest = read_json(run_dir / stage / "run.json")
         if manifest and manifest.get("config"):
             return manifest["config"]
+    return None
+
+
+def reported_config_hash(run_dir: Path) -> str | None:
+    """The config hash of what a report reads: the sweep's, or the latest finished stage's."""
+    for name in ("sweep.json", "eval/run.json", "train/run.json", "prepare/run.json"):
+        found = read_json(run_dir / name)
+        if found and found.get("config_hash"):
+            return found["config_hash"]
     return None
 
 
