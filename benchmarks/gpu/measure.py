@@ -16,7 +16,7 @@ Each case runs under its own time limit and inside a try/except; the JSON is rew
 case, so a run cut short still returns what it measured. `--dry-run` does all of it on the CPU
 with 2-layer, 64-wide versions of the same models and 256-token rows, and never touches CUDA.
 
-    python benchmarks/gpu/measure.py RESULTS_DIR [--dry-run] [--budget-s 420] [--case-timeout-s 150]
+    python benchmarks/gpu/measure.py RESULTS_DIR [--dry-run] [--budget-s 420] [--case-timeout-s 180]
 """
 
 from __future__ import annotations
@@ -539,6 +539,17 @@ def summary_line(record: dict[str, Any]) -> str:
     )
 
 
+def missing_imports() -> list[str]:
+    """The modules a run needs that do not import here (with the error), checked before any work."""
+    missing = []
+    for module in ("medtune.train", "medtune.evaluate.score", "peft", "bitsandbytes"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            missing.append(f"{module} ({exc})")
+    return missing
+
+
 def select_cases(names: str | None, parser: argparse.ArgumentParser) -> list[Case]:
     """CASES, or the named ones in CASES' order; an unknown name is a usage error."""
     if not names:
@@ -557,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, help=f"folder for {RESULT_FILE}")
     parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU; never touches CUDA")
     parser.add_argument("--budget-s", type=float, default=420, help="stop starting cases after this long")
-    parser.add_argument("--case-timeout-s", type=int, default=150, help="limit for one case")
+    parser.add_argument("--case-timeout-s", type=int, default=180, help="limit for one case")
     parser.add_argument("--cases", help="comma-separated case names (default: all, in order of importance)")
     args = parser.parse_args(argv)
     cases = select_cases(args.cases, parser)
@@ -565,6 +576,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # medtune's default_device() must pick the CPU
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    missing = missing_imports()
+    if missing:
+        print(
+            f"cannot import {missing} here: run benchmarks/gpu/fetch_wheels.sh where pip reaches PyPI "
+            "and pass its folder to run.sh --wheels",
+            file=sys.stderr,
+        )
+        return 3
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():

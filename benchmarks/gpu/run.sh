@@ -70,13 +70,6 @@ export PYTHONPATH="$site:$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 export MEDTUNE_GPU_INSTALLED="${installed[*]##*/}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-if ! "$PYTHON" -c "import medtune.train, medtune.evaluate.score, peft, bitsandbytes" 2>"$results/import_error.txt"; then
-  echo "run.sh: medtune cannot be imported here ($(tail -1 "$results/import_error.txt"))." >&2
-  echo "Run benchmarks/gpu/fetch_wheels.sh where pip reaches the internet and bring its folder (--wheels)." >&2
-  exit 3
-fi
-rm -f "$results/import_error.txt"
-
 args=("$results" --budget-s "$budget")
 ((dry_run)) && args+=(--dry-run)
 [ -n "$cases" ] && args+=(--cases "$cases")
