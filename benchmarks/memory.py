@@ -9,7 +9,7 @@ an AdamW optimiser, run one warm-up step (so optimiser state exists), then measu
   peak:   static + gradients + the peak of live tensor bytes during forward+backward
           vs planner total (overhead 0 on CPU).                         Claim: within 15 %.
 
-CPU runs use fp32 compute (medtune's CPU default) and HF's unchunked loss (the model is given
+CPU runs use fp32 compute (pinned: auto picks bf16 on some CPUs) and HF's unchunked loss (the model is given
 labels), so the planner runs with chunked_ce off. `--cuda` measures with torch.cuda statistics in
 bf16 instead (not run on the CPU-only build machine).
 
@@ -47,7 +47,7 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from medtune.config import RunConfig, validate_config
-from medtune.model.load import load_model_for_training
+from medtune.model.load import compute_dtype, load_model_for_training
 from medtune.model.measure import model_bytes, peak_training_memory
 from medtune.packing import collate
 from medtune.plan import PlanOptions, options_from_run_config, plan_memory
@@ -105,7 +105,9 @@ def run_config(model_dir: Path, quant: str, every_k: int | None, seq_len: int, d
     """Measured vs planned bytes for one model and setting."""
     cfg = validate_config(
         {
-            "model": {"path": str(model_dir)},
+            # fp32 pinned: the planner below plans fp32 on CPU, and the recorded ratios were fp32
+            # (model.dtype auto now picks bf16 on CPUs with amx_bf16/avx512_bf16).
+            "model": {"path": str(model_dir), "dtype": "float32" if device.type == "cpu" else "auto"},
             "data": {"train": [{"path": "unused.jsonl"}]},
             "quantization": {"mode": quant},
             "train": {
@@ -259,9 +261,8 @@ def run_real_model(model_dir: Path, micro_batch: int, seq_len: int, device: torc
     rss_peak = proc_status_bytes("VmHWM") if rss_reset else None
 
     opts = options_from_run_config(cfg, gpus=1, seq_len=None)  # what `medtune plan` would use ...
-    if device.type == "cpu":  # ... planned for this CPU: fp32 compute, no CUDA context
-        opts = replace(opts, dtype="float32")
-    opts = replace(opts, overhead_gb=0)
+    # ... in the dtype the model was loaded in (auto on CPU: bf16 or fp32 by the chip), no CUDA context
+    opts = replace(opts, dtype=str(compute_dtype(cfg.model, device)).removeprefix("torch."), overhead_gb=0)
     planned = plan_memory(json.loads((model_dir / "config.json").read_text()), opts)
     return {
         "micro_batch": micro_batch,

@@ -88,6 +88,7 @@ def medtune_config(model_dir: Path, out_dir: Path, steps: int):
         {
             "seed": s["seed"],
             "model.path": str(model_dir),
+            "model.dtype": "float32",  # as TRL's side below: auto would pick bf16 on some CPUs
             "output.dir": str(out_dir),
             "quantization.mode": "nf4",
             "quantization.double_quant": True,

@@ -13,6 +13,7 @@ from medtune.config import RunConfig, validate_config
 from medtune.errors import ModelError
 from medtune.model.load import (
     bnb_config,
+    compute_dtype,
     count_parameters,
     load_model_for_inference,
     load_model_for_training,
@@ -108,7 +109,9 @@ def test_quant_storage_follows_fsdp(tiny_llama_dir: Path) -> None:
     assert bnb_config(cfg.quantization, torch.bfloat16, fsdp=False).bnb_4bit_quant_storage == torch.uint8
     model = load_model_for_training(cfg, fsdp=True)
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
-    assert frozen == {torch.float32}, "FSDP2 needs one dtype across the frozen weights (fp32 on CPU here)"
+    # The compute dtype is bf16 or fp32 on CPU depending on the chip (model.dtype: auto).
+    dtype = compute_dtype(cfg.model, torch.device("cpu"))
+    assert frozen == {dtype}, "FSDP2 needs one dtype across the frozen weights: the compute dtype"
     assert torch.isfinite(train_step(model))
 
 
@@ -136,8 +139,12 @@ def test_gradient_checkpointing_every_k_and_same_gradients(tiny_llama_dir: Path)
 
 
 def test_lora_options_rslora_dora_modules_to_save(tiny_llama_dir: Path) -> None:
+    # fp32 pinned: with a bf16 compute dtype (auto on CPUs with amx_bf16/avx512_bf16, and on CUDA) an
+    # fp32 modules_to_save lm_head receives bf16 hidden states and F.linear refuses the mix; see
+    # tests/test_dtype.py::test_modules_to_save_lm_head_trains_in_bf16 (xfail until fixed).
     cfg = make_cfg(
         tiny_llama_dir,
+        model={"path": str(tiny_llama_dir), "dtype": "float32"},
         lora={
             "use_rslora": True,
             "use_dora": True,
@@ -168,8 +175,12 @@ def test_gemma3_text_trains(tiny_gemma_dir: Path, mode: str) -> None:
 def test_gemma3_multimodal_loads_language_model_only(tiny_gemma_mm_dir: Path, caplog) -> None:
     from transformers import Gemma3ForConditionalGeneration
 
+    # fp32 pinned: compared to an fp32 reference to 1e-5, which a bf16 load (auto on some CPUs) cannot meet.
+    fp32 = {"path": str(tiny_gemma_mm_dir), "dtype": "float32"}
     with caplog.at_level(logging.WARNING, logger="medtune.model.load"):
-        model, _ = load_model_for_inference(make_cfg(tiny_gemma_mm_dir, quantization={"mode": "none"}))
+        model, _ = load_model_for_inference(
+            make_cfg(tiny_gemma_mm_dir, model=fp32, quantization={"mode": "none"})
+        )
     assert type(model).__name__ == "Gemma3ForCausalLM"
     assert "language model" in caplog.text
     assert not any("vision" in n or "multi_modal" in n for n, _ in model.named_parameters())
@@ -189,7 +200,9 @@ def test_gemma3_multimodal_trains_quantised(tiny_gemma_mm_dir: Path, mode: str) 
 
 
 def test_inference_with_saved_adapter_and_merge(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    cfg = make_cfg(tiny_llama_dir, quantization={"mode": "none"})
+    # fp32 pinned: merged and unmerged logits must agree to 1e-4, tighter than bf16 rounding.
+    fp32 = {"path": str(tiny_llama_dir), "dtype": "float32"}
+    cfg = make_cfg(tiny_llama_dir, model=fp32, quantization={"mode": "none"})
     trained = load_model_for_training(cfg)
     for name, param in trained.named_parameters():
         if "lora_B" in name:

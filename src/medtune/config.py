@@ -163,7 +163,9 @@ class ModelConfig(Section):
     path: Path
     """A local model directory (safetensors + config.json + tokenizer). Never a hub id: medtune is offline."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    """Compute dtype. auto: bfloat16 on CUDA, float32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    """Compute dtype. auto: bfloat16 on CUDA; on CPU bfloat16 where the chip multiplies it natively
+    (amx_bf16 or avx512_bf16 flags), else float32 (emulated bf16 is slower). Training prints the choice.
+    Pin float32 for runs that must match fp32 numbers exactly across machines."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     allow_pickle: bool = False

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from medtune.config import LoraConfig, ModelConfig, QuantizationConfig, RunConfig
 from medtune.errors import ModelError
+from medtune.model.cpu_caps import cpu_bf16_choice
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,22 @@ def default_device() -> torch.device:
 
 
 def compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA; fp32 on CPU, where bf16 matmuls are emulated and slow on most chips."""
+    """The compute dtype `load_base_model` uses (see `resolve_compute_dtype` for the rule)."""
+    return resolve_compute_dtype(model_cfg, device)[0]
+
+
+def resolve_compute_dtype(model_cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, str]:
+    """(dtype, why). auto: bf16 on CUDA; on CPU bf16 only where the chip multiplies it natively.
+
+    On a CPU without amx_bf16/avx512_bf16, bf16 matmuls are emulated and slower than fp32, so auto
+    keeps fp32 there (`medtune.model.cpu_caps` holds the rule and its measurements).
+    """
     if model_cfg.dtype != "auto":
-        return getattr(torch, model_cfg.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return getattr(torch, model_cfg.dtype), "set by model.dtype"
+    if device.type == "cuda":
+        return torch.bfloat16, "auto on CUDA"
+    use_bf16, reason = cpu_bf16_choice()
+    return (torch.bfloat16 if use_bf16 else torch.float32), f"auto on {device.type}: {reason}"
 
 
 def quant_storage_dtype(quant_cfg: QuantizationConfig, dtype: torch.dtype, fsdp: bool) -> torch.dtype:
@@ -194,7 +207,8 @@ def load_base_model(cfg: RunConfig, device: torch.device, fsdp: bool = False):
     raw_config = read_model_config(model_dir)
     refuse_custom_code(cfg.model, raw_config)
     use_safetensors = check_weights(cfg.model)
-    dtype = compute_dtype(cfg.model, device)
+    dtype, why = resolve_compute_dtype(cfg.model, device)
+    print(f"model: compute dtype {str(dtype).removeprefix('torch.')} ({why})")
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         quantization_config=bnb_config(cfg.quantization, dtype, fsdp),
