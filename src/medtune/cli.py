@@ -354,6 +354,9 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Export folder (default: RUN_DIR/export/FORMAT).")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16, bf16, q8_0 or f32.")] = "f16",
     dtype: Annotated[str, typer.Option(help="merged only: bfloat16 or float32.")] = "bfloat16",
+    force: Annotated[
+        bool, typer.Option("--force", help="Export even if the model failed its forgetting guard (eval.guard).")
+    ] = False,
 ) -> None:
     """Merge, export and verify a trained model for vLLM, TGI, llama.cpp or Ollama."""
     from medtune.export import run_export
@@ -364,6 +367,7 @@ def export(
         out or run_dir / "export" / format_,  # type: ignore[arg-type]
         gguf_type=gguf_type,
         dtype=dtype,
+        force=force,
     )  # type: ignore[arg-type]
     console.print(f"exported {format_} to [bold]{path}[/bold] (verification figures: {path / 'export.json'})")
 
