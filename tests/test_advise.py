@@ -49,7 +49,7 @@ def simulate(
     return GroupScores(base, ratios)
 
 
-def _within(rate: float, nominal: float, n: int) -> float:
+def _within(nominal: float, n: int) -> float:
     return 3 * math.sqrt(nominal * (1 - nominal) / n)
 
 
@@ -58,20 +58,20 @@ def test_no_effect_gives_no_recommendation_at_most_at_the_nominal_rate_when_seed
     interval (or a normal quantile on three seeds) falls into."""
     rng = np.random.default_rng(1)
     n, recommended = 1000, 0
-    for k in range(n):
+    for _ in range(n):
         g = simulate(rng, {"a": 0.0, "b": 0.0}, 60, 3, seed_sd=0.5, noise_sd=0.5)
         if recommend({"t": g}, "accuracy", "t")["recommended"] is not None:
             recommended += 1
-    assert recommended / n <= 0.05 + _within(recommended / n, 0.05, n)
+    assert recommended / n <= 0.05 + _within(0.05, n)
 
 
 def test_no_effect_one_seed_item_noise_only() -> None:
     rng = np.random.default_rng(2)
     n, recommended = 1000, 0
-    for k in range(n):
+    for _ in range(n):
         g = simulate(rng, {"a": 0.0, "b": 0.0}, 80, 1)
         recommended += recommend({"t": g}, "accuracy", "t")["recommended"] is not None
-    assert recommended / n <= 0.05 + _within(recommended / n, 0.05, n)
+    assert recommended / n <= 0.05 + _within(0.05, n)
 
 
 def test_a_known_effect_is_found_at_the_power_size_needed_promises() -> None:
@@ -79,18 +79,17 @@ def test_a_known_effect_is_found_at_the_power_size_needed_promises() -> None:
     the time. One seed, so the interval's t quantile has the items' degrees of freedom, as the sizing
     assumes; with two or three seeds the seed part's few degrees of freedom widen it (a larger t), so
     the sizes it states are the least that could do."""
-    effect, seeds, noise = 0.25, 1, 0.5 ** 0.5
+    effect, seeds, noise = 0.25, 1, 0.5**0.5
     # The true variance of (mean b - mean a) at 100 items: 2 noise^2 / seeds / 100, all from items.
     parts = VarianceParts(0.0, math.inf, 2 * noise**2 / seeds / 100, 99, True)
     n_items = size_needed(effect, parts, 100, seeds)["items"]
     assert n_items == 126  # (2.80 / 0.25)^2 * 2 * 0.5 / 1
     rng = np.random.default_rng(3)
     n, found = 500, 0
-    for k in range(n):
+    for _ in range(n):
         g = simulate(rng, {"a": 0.0, "b": effect}, n_items, seeds, item_sd=1.0, noise_sd=noise)
         found += recommend({"t": g}, "accuracy", "t")["recommended"] == "b"
-    assert abs(found / n - POWER_80) <= _within(found / n, POWER_80, n)
-
+    assert abs(found / n - POWER_80) <= _within(POWER_80, n)
 
 
 def test_seed_aware_interval_covers_the_truth_where_an_items_only_one_does_not() -> None:
@@ -102,7 +101,7 @@ def test_seed_aware_interval_covers_the_truth_where_an_items_only_one_does_not()
         covered += lo <= 0.3 <= hi
         ilo, ihi = paired_bootstrap_ci(g.base, g.ratios["a"].mean(axis=0), 300, k)
         covered_items_only += ilo <= 0.3 <= ihi
-    assert covered / n >= 0.95 - _within(covered / n, 0.95, n)
+    assert covered / n >= 0.95 - _within(0.95, n)
     assert covered_items_only / n < 0.7  # why seeds must be in the interval
 
 

@@ -62,7 +62,9 @@ def test_accuracy_guard_false_failures_stay_under_alpha_and_real_drops_are_found
         same_rate = np.where(flip, rng.random(200) < 0.6, base)
         dropped = base & (rng.random(200) > 0.25)  # a quarter of the right answers lost: ~15 pp
         b = predictions(base, LANGS)
-        false_fail += not evaluate_guard(rule, b, predictions(same_rate, LANGS), None, None, KEYS, 100)["passed"]
+        false_fail += not evaluate_guard(rule, b, predictions(same_rate, LANGS), None, None, KEYS, 100)[
+            "passed"
+        ]
         caught += not evaluate_guard(rule, b, predictions(dropped, LANGS), None, None, KEYS, 100)["passed"]
     assert false_fail / n <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / n)
     assert caught / n >= 0.95
@@ -77,7 +79,9 @@ def test_planted_nll_regression_is_caught_within_and_beyond_the_allowance() -> N
     assert not verdict["passed"] and verdict["checks"][0]["metric"] == "nll"
     assert verdict["checks"][0]["ci95"][0] > 0.1
     generous = [GuardRule(group="language=en", max_nll_increase=0.5)]
-    assert evaluate_guard(generous, {}, {}, nll_rows(base, LANGS), nll_rows(worse, LANGS), KEYS, 500)["passed"]
+    assert evaluate_guard(generous, {}, {}, nll_rows(base, LANGS), nll_rows(worse, LANGS), KEYS, 500)[
+        "passed"
+    ]
 
 
 def test_a_group_with_no_items_fails_and_names_the_groups_there_are() -> None:
@@ -95,9 +99,13 @@ def test_guard_rules_are_validated_at_config_load() -> None:
     with pytest.raises(ConfigError, match="eval.nll"):
         validate_config(base | {"eval": {"guard": [nll_rule]}})
     with pytest.raises(ConfigError, match="not both"):
-        validate_config(base | {"eval": {"guard": [{"group": "all", "max_drop_pp": 1, "max_nll_increase": 1}]}})
+        validate_config(
+            base | {"eval": {"guard": [{"group": "all", "max_drop_pp": 1, "max_nll_increase": 1}]}}
+        )
     with pytest.raises(ConfigError, match="max_drop_pp is for metric accuracy"):
-        validate_config(base | {"eval": {"nll": True, "guard": [{"group": "all", "metric": "nll", "max_drop_pp": 1}]}})
+        validate_config(
+            base | {"eval": {"nll": True, "guard": [{"group": "all", "metric": "nll", "max_drop_pp": 1}]}}
+        )
 
 
 def test_eval_records_the_verdict_and_export_refuses_it_unless_forced(tmp_path: Path) -> None:

@@ -277,7 +277,9 @@ class EvalConfig(Section):
     @model_validator(mode="after")
     def _nll_guard_needs_nll(self) -> EvalConfig:
         if not self.nll and any(rule.metric == "nll" for rule in self.guard):
-            raise ValueError("a guard rule on nll needs `eval.nll: true` (held-out NLL is not scored otherwise)")
+            raise ValueError(
+                "a guard rule on nll needs `eval.nll: true` (held-out NLL is not scored otherwise)"
+            )
         return self
 
 
@@ -320,6 +322,12 @@ class RunConfig(Section):
     def _needs_training_data(self) -> RunConfig:
         if not self.data.train and not self.data.eval:
             raise ValueError("data: give at least one source under data.train or data.eval")
+        return self
+
+    @model_validator(mode="after")
+    def _nll_advice_needs_nll(self) -> RunConfig:
+        if self.sweep.target and self.sweep.metric == "nll" and not self.eval.nll:
+            raise ValueError("sweep.metric nll needs `eval.nll: true` (held-out NLL is not scored otherwise)")
         return self
 
     @field_validator("seed")

@@ -95,7 +95,9 @@ def variance_parts(matrices: Sequence[np.ndarray], weights: Sequence[float]) -> 
     return VarianceParts(float(seed_var), float(seed_df), item_var, n_items - 1, bool(seed_terms))
 
 
-def contrast(matrices: Sequence[np.ndarray], weights: Sequence[float], alpha: float = ALPHA) -> dict[str, Any]:
+def contrast(
+    matrices: Sequence[np.ndarray], weights: Sequence[float], alpha: float = ALPHA
+) -> dict[str, Any]:
     """Estimate of sum_k w_k mean(M_k), its interval covering seeds and items, and the variance split."""
     estimate = float(sum(w * m.mean() for w, m in zip(weights, matrices, strict=True)))
     parts = variance_parts(matrices, weights)
@@ -175,10 +177,7 @@ def group_scores(
     return {
         name: GroupScores(
             np.array([scored[i] for i in ids]),
-            {
-                label: np.array([[s[i] for i in ids] for s in seeds])
-                for label, seeds in per_run.items()
-            },
+            {label: np.array([[s[i] for i in ids] for s in seeds]) for label, seeds in per_run.items()},
         )
         for name, ids in members.items()
     }
@@ -259,7 +258,9 @@ def recommend(
     for other in admissible:
         if other != best:
             c = contrast([target_g.ratios[best], target_g.ratios[other]], [sign, -sign])
-            record["versus_best"][other] = {k: c[k] for k in ("estimate", "ci95", "significant", "seed_share")}
+            record["versus_best"][other] = {
+                k: c[k] for k in ("estimate", "ci95", "significant", "seed_share")
+            }
             if not c["significant"]:
                 record["tied_with_best"].append(other)
     if record["tied_with_best"]:
@@ -268,7 +269,9 @@ def recommend(
         record["message"] = _undecided_message(record, target_g)
     else:
         record["recommended"] = best
-        record["message"] = f"recommended: {best} (best on {target} among ratios that spare the protected groups)"
+        record["message"] = (
+            f"recommended: {best} (best on {target} among ratios that spare the protected groups)"
+        )
     return record
 
 
@@ -285,11 +288,10 @@ def _harmful(
         g = groups[group]
         for label in labels:
             c = contrast([g.ratios[label], g.base[None, :]], [sign, -sign])
-            if c["ci95"][1] < -margin:
-                lo, hi = c["ci95"]
-                excluded.setdefault(label, []).append(
-                    f"{group}: change vs base {sign * c['estimate']:+.3g} [{sign * hi:+.3g}, {sign * lo:+.3g}]"
-                )
+            if c["ci95"][1] < -margin:  # in natural units (NLL: up is worse) for the message
+                lo, hi = sorted(sign * x for x in c["ci95"])
+                change = f"{sign * c['estimate']:+.3g} [{lo:+.3g}, {hi:+.3g}]"
+                excluded.setdefault(label, []).append(f"{group}: change vs base {change}")
     return excluded
 
 
@@ -338,7 +340,10 @@ def sweep_advice(
 
     cells = [c for c in sweep.get("cells", []) if c.get("status") in ("ok", "skipped")]
     base_eval = sweep_dir / "base" / "eval" / "base"
-    readers = {"accuracy": ("predictions.jsonl", load_predictions), "nll": ("nll.jsonl", _nll_by_id(read_nll))}
+    readers = {
+        "accuracy": ("predictions.jsonl", load_predictions),
+        "nll": ("nll.jsonl", _nll_by_id(read_nll)),
+    }
     out: dict[str, Any] = {
         "ratios": _ratio_info(cells),
         "left_out": [c["name"] for c in sweep.get("cells", []) if c not in cells],
@@ -383,7 +388,11 @@ def _sweep_recommendation(
         return None
     if settings.metric not in scores:
         why = "eval.nll is off" if settings.metric == "nll" else "the cells have no predictions"
-        return {"target": settings.target, "recommended": None, "message": f"no {settings.metric} scores ({why})"}
+        return {
+            "target": settings.target,
+            "recommended": None,
+            "message": f"no {settings.metric} scores ({why})",
+        }
     try:
         return recommend(
             scores[settings.metric],
@@ -394,3 +403,47 @@ def _sweep_recommendation(
         )
     except KeyError as exc:
         return {"target": settings.target, "recommended": None, "message": str(exc.args[0])}
+
+
+# ---------------------------------------------------------------- in words
+
+
+def headline_groups(summary: dict[str, Any], recommendation: dict[str, Any] | None) -> list[str]:
+    """The groups worth a line: all, each language, and the target and protected groups."""
+    chosen = [g for g in summary["groups"] if g == "all" or g.startswith("language=")]
+    if recommendation and recommendation.get("target"):
+        chosen += [recommendation["target"], *recommendation.get("protect", [])]
+    return [g for g in dict.fromkeys(chosen) if g in summary["groups"]]
+
+
+def format_change(row: dict[str, Any], metric: str) -> str:
+    """`+3.2 [-1.0, +7.4]` (pp) or `-0.050 [-0.090, -0.010]` (nats), with the seed note."""
+    digits = 1 if metric == "accuracy" else 3
+    lo, hi = row["ci95"]
+    text = f"{row['delta_vs_base']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+    return text + (" seed-dominated" if row["seed_dominates"] else "")
+
+
+def advice_lines(advice: dict[str, Any]) -> list[str]:
+    """The sweep's seed-aware tables and recommendation as plain lines for the terminal."""
+    lines = []
+    seeds = {label: info["seeds"] for label, info in advice["ratios"].items()}
+    one_seed = all(len(s) == 1 for s in seeds.values())
+    for metric, summary in advice["metrics"].items():
+        unit = "accuracy %, change in pp" if metric == "accuracy" else "NLL nats/token, lower is better"
+        lines.append(f"\n{metric} ({unit}); change vs base with a 95% CI over items and seeds:")
+        for group in headline_groups(summary, advice.get("recommendation")):
+            g = summary["groups"][group]
+            cells = [
+                f"{label} ({len(seeds[label])} seed{'s' * (len(seeds[label]) > 1)}) {r['mean']:.3g}: "
+                f"{format_change(r, metric)}"
+                for label, r in g["ratios"].items()
+            ]
+            lines.append(f"  {group} (n={g['n']}, base {g['base']:.3g}): " + "; ".join(cells))
+    if one_seed and advice["metrics"]:
+        lines.append("  one seed per ratio: the intervals cover items only, not training-run variation")
+    rec = advice.get("recommendation")
+    if rec:
+        lines.append(rec["message"])
+        lines += [f"  excluded {label}: {'; '.join(why)}" for label, why in rec.get("excluded", {}).items()]
+    return lines

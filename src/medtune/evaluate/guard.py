@@ -28,7 +28,9 @@ class GuardFailed(MedtuneError):
     """A model failed its forgetting guard; `medtune export --force` ships it anyway."""
 
 
-def check_accuracy(rule: GuardRule, pairs: list[tuple[bool, bool]], n_samples: int, seed: int) -> dict[str, Any]:
+def check_accuracy(
+    rule: GuardRule, pairs: list[tuple[bool, bool]], n_samples: int, seed: int
+) -> dict[str, Any]:
     """One accuracy rule on (base correct, tuned correct) pairs of its group."""
     c = compare_pairs(pairs, n_samples, seed)
     failed = c["delta_pp"] < -rule.allowed and c["mcnemar_p"] < ALPHA
@@ -91,7 +93,9 @@ def evaluate_guard(
 def guard_lines(verdict: dict[str, Any]) -> list[str]:
     """The verdict in words: a headline, then one line per rule."""
     head = "forgetting guard: PASSED" if verdict["passed"] else "forgetting guard: FAILED"
-    return [head] + [f"  {'ok  ' if c['passed'] else 'FAIL'} {c['group']}: {c['why']}" for c in verdict["checks"]]
+    return [head] + [
+        f"  {'ok  ' if c['passed'] else 'FAIL'} {c['group']}: {c['why']}" for c in verdict["checks"]
+    ]
 
 
 def read_guard(eval_dir: Path) -> dict[str, Any] | None:
