@@ -16,6 +16,7 @@ import pytest
 from medtune.evaluate.advise import (
     GroupScores,
     VarianceParts,
+    compare_runs,
     contrast,
     recommend,
     size_needed,
@@ -169,3 +170,24 @@ def test_size_needed_scales_each_part_by_its_own_count() -> None:
     sized = size_needed(0.5, parts, 100, 2)
     assert sized["items"] is not None and sized["seeds"] is not None
     assert size_needed(0.0, parts, 100, 2)["items"] is None
+
+
+def test_compare_runs_covers_seed_variation_across_runs() -> None:
+    """Two models with three seeds each, equal on average but with runs that land far apart."""
+    rng = np.random.default_rng(10)
+    langs = ["ko", "en"] * 100
+
+    def runs(offsets: list[float]) -> list[dict[str, dict]]:
+        return [
+            {
+                f"q{i}": {"id": f"q{i}", "correct": bool(rng.random() < 0.5 + off), "language": lang}
+                for i, lang in enumerate(langs)
+            }
+            for off in offsets
+        ]
+
+    table = compare_runs(runs([-0.15, 0.0, 0.15]), runs([0.15, 0.0, -0.15]), "accuracy", ["language"])
+    assert set(table) == {"all", "language=ko", "language=en"} and table["all"]["seeds"] == [3, 3]
+    assert table["all"]["seed_dominates"] and not table["all"]["significant"]
+    lo, hi = table["all"]["ci95"]
+    assert hi - lo > 25  # pp: three runs per side cannot pin down a 15 pp run-to-run spread

@@ -209,6 +209,29 @@ def summarise_groups(groups: Mapping[str, GroupScores], metric: Metric) -> dict[
     return {"metric": metric, "higher_is_better": metric != "nll", "groups": out}
 
 
+def compare_runs(
+    a_runs: Sequence[Mapping[str, dict[str, Any]]],
+    b_runs: Sequence[Mapping[str, dict[str, Any]]],
+    metric: Metric = "accuracy",
+    keys: Sequence[str] = GROUP_KEYS,
+) -> dict[str, dict[str, Any]]:
+    """`compare` across runs: B's seeds against A's seeds, per group, on the items all runs scored.
+
+    Each run maps item id -> prediction (or NLL row); the interval covers items and both sides' seeds.
+    """
+    groups = group_scores(a_runs[0], {"A": a_runs, "B": b_runs}, metric, keys)
+    out = {}
+    for name, g in groups.items():
+        c = contrast([g.ratios["B"], g.ratios["A"]], [1.0, -1.0])
+        out[name] = {
+            "n": int(g.base.shape[0]),
+            "a": float(g.ratios["A"].mean()),
+            "b": float(g.ratios["B"].mean()),
+            "seeds": [len(a_runs), len(b_runs)],
+        } | {k: c[k] for k in ("estimate", "ci95", "significant", "seed_share", "seed_dominates")}
+    return out
+
+
 # ---------------------------------------------------------------- recommendation
 
 
