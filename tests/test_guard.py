@@ -134,3 +134,16 @@ def test_eval_records_the_verdict_and_export_refuses_it_unless_forced(tmp_path: 
     assert export_verdict(tmp_path / "run", force=False)["status"] == "passed"
     (eval_dir / "guard.json").unlink()
     assert export_verdict(tmp_path / "run", force=False) == {"status": "not checked", "forced": False}
+
+
+def test_run_report_shows_the_verdict_first(tmp_path: Path) -> None:
+    from medtune.report.build import run_report
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    check = {"group": "language=en", "metric": "accuracy", "allowed": 2.0, "passed": False, "why": "-9.0 pp"}
+    (run / "eval" / "guard.json").write_text(json.dumps({"passed": False, "checks": [check]}))
+    page = (run_report(run, run / "report") / "report.md").read_text()
+    first_section = page.split("## ")[1]
+    assert first_section.startswith("Forgetting guard: FAILED") and "-9.0 pp" in first_section
+    assert "--force" in first_section
