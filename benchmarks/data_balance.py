@@ -44,10 +44,10 @@ import torch
 import yaml
 
 from medtune.data.read import is_medical_law
-from medtune.evaluate.advise import advice_lines
 from medtune.evaluate.compare import compare_predictions, load_predictions
 from medtune.evaluate.nll import compare_nll, nll_table, paired_delta, read_nll
 from medtune.evaluate.stats import wilson_ci
+from medtune.evaluate.sweep_advice import advice_lines
 from medtune.sweep import cell_name, parse_ratios, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -115,7 +115,7 @@ def run_sweep(
     """Run every (ratio, seed) cell, write `sweep.json` and the sweep report; return the sweep record."""
     from rich.console import Console
 
-    from medtune.evaluate.advise import advice_lines, sweep_advice
+    from medtune.evaluate.sweep_advice import advice_lines, sweep_advice
     from medtune.report.build import run_report
 
     cfg = load_config(cfg_path, overrides)

@@ -19,8 +19,8 @@ run-to-run spread down, and a normal quantile would call equal ratios different 
 often (tests/test_advise.py simulates both).
 
 The same split says when seed variation dominates and how many items or seeds would resolve a
-difference (80% power at alpha = 0.05). This is numpy on per-item scores; it reads the files the
-stages wrote and loads no model.
+difference (80% power at alpha = 0.05). This is numpy on per-item scores, torch-free;
+`medtune.evaluate.sweep_advice` feeds it a sweep directory's files.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from medtune.config import SweepConfig
 from medtune.evaluate.stats import GROUP_KEYS, group_names
 
 ALPHA = 0.05
@@ -165,7 +163,8 @@ def group_scores(
 ) -> dict[str, GroupScores]:
     """Align the base and every ratio's runs (one per seed) on the items all of them scored, per group.
 
-    `base` and each run map item id -> prediction or NLL row (with the grouping fields).
+    `base` and each run map item id -> prediction or NLL row (with the grouping fields). A group with
+    fewer than two common items is left out: one item has no variance to judge a difference by.
     """
     scored = item_scores(base, metric)
     per_run = {label: [item_scores(r, metric) for r in seeds] for label, seeds in runs.items()}
@@ -180,6 +179,7 @@ def group_scores(
             {label: np.array([[s[i] for i in ids] for s in seeds]) for label, seeds in per_run.items()},
         )
         for name, ids in members.items()
+        if len(ids) > 1
     }
 
 
@@ -252,7 +252,9 @@ def recommend(
     """
     missing = [g for g in (target, *protect) if g not in groups]
     if missing:
-        raise KeyError(f"no eval items in group(s) {', '.join(missing)}; groups: {', '.join(groups)}")
+        raise KeyError(
+            f"fewer than two scored items in group(s) {', '.join(missing)}; groups: {', '.join(groups)}"
+        )
     sign = gain_sign(metric)
     labels = list(groups[target].ratios)
     excluded = _harmful(groups, labels, protect, margin, sign)
@@ -343,130 +345,3 @@ def _undecided_message(record: dict[str, Any], g: GroupScores) -> str:
         f"the data cannot tell these ratios apart at this size ({', '.join(tied)}): run more items or "
         f"seeds; {how}{note}"
     )
-
-
-# ---------------------------------------------------------------- a sweep directory
-
-
-def sweep_advice(
-    sweep_dir: Path,
-    sweep: dict[str, Any],
-    settings: SweepConfig,
-) -> dict[str, Any]:
-    """Seed-aware tables for every metric the cells scored, and the recommendation when a target is set.
-
-    Reads the base's and each finished cell's per-item files (predictions.jsonl, nll.jsonl); a cell
-    that failed is left out and listed.
-    """
-    from medtune.evaluate.compare import load_predictions
-    from medtune.evaluate.nll import read_nll
-
-    cells = [c for c in sweep.get("cells", []) if c.get("status") in ("ok", "skipped")]
-    base_eval = sweep_dir / "base" / "eval" / "base"
-    readers = {
-        "accuracy": ("predictions.jsonl", load_predictions),
-        "nll": ("nll.jsonl", _nll_by_id(read_nll)),
-    }
-    out: dict[str, Any] = {
-        "ratios": _ratio_info(cells),
-        "left_out": [c["name"] for c in sweep.get("cells", []) if c not in cells],
-        "metrics": {},
-    }
-    scores: dict[str, dict[str, GroupScores]] = {}
-    for metric, (file, read) in readers.items():
-        paths = [sweep_dir / c["dir"] / "eval" / "tuned" / file for c in cells]
-        if not (base_eval / file).is_file() or not cells or not all(p.is_file() for p in paths):
-            continue
-        runs: dict[str, list[dict[str, dict]]] = {}
-        for c, path in zip(cells, paths, strict=True):
-            runs.setdefault(c["ratio_label"], []).append(read(path))
-        scores[metric] = group_scores(read(base_eval / file), runs, metric, GROUP_KEYS)  # type: ignore[arg-type]
-        out["metrics"][metric] = summarise_groups(scores[metric], metric)  # type: ignore[arg-type]
-    out["recommendation"] = _sweep_recommendation(scores, settings)
-    return out
-
-
-def _nll_by_id(read_nll: Any) -> Any:
-    return lambda path: {row["id"]: row for row in read_nll(path)}
-
-
-def _ratio_info(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per ratio label: the shares, the seeds that finished, and the English share (the plots' x axis)."""
-    info: dict[str, dict[str, Any]] = {}
-    for c in cells:
-        ratio = c["ratio"]
-        total = sum(ratio.values())
-        entry = info.setdefault(
-            c["ratio_label"],
-            {"ratio": ratio, "english_share": ratio.get("en", 0.0) / total if total else None, "seeds": []},
-        )
-        entry["seeds"].append(c["seed"])
-    return info
-
-
-def _sweep_recommendation(
-    scores: dict[str, dict[str, GroupScores]], settings: SweepConfig
-) -> dict[str, Any] | None:
-    if settings.target is None:
-        return None
-    if settings.metric not in scores:
-        why = "eval.nll is off" if settings.metric == "nll" else "the cells have no predictions"
-        return {
-            "target": settings.target,
-            "recommended": None,
-            "message": f"no {settings.metric} scores ({why})",
-        }
-    try:
-        return recommend(
-            scores[settings.metric],
-            settings.metric,
-            settings.target,
-            settings.protect,
-            settings.margin,
-        )
-    except KeyError as exc:
-        return {"target": settings.target, "recommended": None, "message": str(exc.args[0])}
-
-
-# ---------------------------------------------------------------- in words
-
-
-def headline_groups(summary: dict[str, Any], recommendation: dict[str, Any] | None) -> list[str]:
-    """The groups worth a line: all, each language, and the target and protected groups."""
-    chosen = [g for g in summary["groups"] if g == "all" or g.startswith("language=")]
-    if recommendation and recommendation.get("target"):
-        chosen += [recommendation["target"], *recommendation.get("protect", [])]
-    return [g for g in dict.fromkeys(chosen) if g in summary["groups"]]
-
-
-def format_change(row: dict[str, Any], metric: str) -> str:
-    """`+3.2 [-1.0, +7.4]` (pp) or `-0.050 [-0.090, -0.010]` (nats), with the seed note."""
-    digits = 1 if metric == "accuracy" else 3
-    lo, hi = row["ci95"]
-    text = f"{row['delta_vs_base']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-    return text + (" seed-dominated" if row["seed_dominates"] else "")
-
-
-def advice_lines(advice: dict[str, Any]) -> list[str]:
-    """The sweep's seed-aware tables and recommendation as plain lines for the terminal."""
-    lines = []
-    seeds = {label: info["seeds"] for label, info in advice["ratios"].items()}
-    one_seed = all(len(s) == 1 for s in seeds.values())
-    for metric, summary in advice["metrics"].items():
-        unit = "accuracy %, change in pp" if metric == "accuracy" else "NLL nats/token, lower is better"
-        lines.append(f"\n{metric} ({unit}); change vs base with a 95% CI over items and seeds:")
-        for group in headline_groups(summary, advice.get("recommendation")):
-            g = summary["groups"][group]
-            cells = [
-                f"{label} ({len(seeds[label])} seed{'s' * (len(seeds[label]) > 1)}) {r['mean']:.3g}: "
-                f"{format_change(r, metric)}"
-                for label, r in g["ratios"].items()
-            ]
-            lines.append(f"  {group} (n={g['n']}, base {g['base']:.3g}): " + "; ".join(cells))
-    if one_seed and advice["metrics"]:
-        lines.append("  one seed per ratio: the intervals cover items only, not training-run variation")
-    rec = advice.get("recommendation")
-    if rec:
-        lines.append(rec["message"])
-        lines += [f"  excluded {label}: {'; '.join(why)}" for label, why in rec.get("excluded", {}).items()]
-    return lines

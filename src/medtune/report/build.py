@@ -24,8 +24,8 @@ from typing import Any
 
 import yaml
 
-from medtune.evaluate.advise import format_change, headline_groups
 from medtune.evaluate.nll import nll_rows
+from medtune.evaluate.sweep_advice import format_change, headline_groups
 from medtune.report.plots import Bar, SharePoint, accuracy_chart, efficiency_chart, loss_chart, share_chart
 
 SIGNIFICANCE_LEVEL = 0.05
