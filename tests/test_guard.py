@@ -96,6 +96,8 @@ def test_guard_rules_are_validated_at_config_load() -> None:
     nll_rule = {"group": "all", "max_nll_increase": 0.1}
     cfg = validate_config(base | {"eval": {"nll": True, "guard": [nll_rule, {"group": "language=en"}]}})
     assert [r.metric for r in cfg.eval.guard] == ["nll", "accuracy"] and cfg.eval.guard[1].allowed == 0
+    # A verdict rule judges finished stages: it must not change the hash that decides what re-runs.
+    assert cfg.config_hash() == validate_config(base | {"eval": {"nll": True}}).config_hash()
     with pytest.raises(ConfigError, match="eval.nll"):
         validate_config(base | {"eval": {"guard": [nll_rule]}})
     with pytest.raises(ConfigError, match="not both"):

@@ -229,9 +229,8 @@ class GuardRule(Section):
     def _one_limit(self) -> GuardRule:
         if self.max_drop_pp is not None and self.max_nll_increase is not None:
             raise ValueError("give max_drop_pp (accuracy) or max_nll_increase (nll), not both")
-        inferred = "nll" if self.max_nll_increase is not None else "accuracy"
         if self.metric is None:
-            self.metric = "accuracy" if self.max_drop_pp is not None else inferred
+            self.metric = "nll" if self.max_nll_increase is not None else "accuracy"
         elif self.metric == "nll" and self.max_drop_pp is not None:
             raise ValueError("max_drop_pp is for metric accuracy; use max_nll_increase with metric nll")
         elif self.metric == "accuracy" and self.max_nll_increase is not None:
