@@ -24,6 +24,7 @@ makes them enough.
     python benchmarks/data_balance.py --budget 4000 --ratios 1:0,3:10 --max-items 20 \
         --out runs/data_balance_pilot --results benchmarks/results/data_balance_pilot.json  # pilot
     python benchmarks/data_balance.py                                              # the experiment
+    python benchmarks/data_balance.py --seeds 0,1   # two seeds per ratio; finished cells in --out are reused
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from medtune.data.read import is_medical_law
 from medtune.evaluate.compare import compare_predictions, load_predictions
 from medtune.evaluate.nll import compare_nll, nll_table, paired_delta, read_nll
 from medtune.evaluate.stats import wilson_ci
+from medtune.evaluate.sweep_advice import advice_lines
 from medtune.sweep import cell_name, parse_ratios, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -356,6 +358,16 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=None, help="eval items per source (pilot: 20)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        default=None,
+        help="training seeds per ratio, e.g. 1,2 (default: --seed); the tables "
+        "below use the first, the seed-aware intervals and the recommendation use all",
+    )
+    parser.add_argument("--target", default="source=heldout_ko", help="group the recommendation optimises")
+    parser.add_argument("--protect", action="append", default=None, help="default: source=heldout_en")
+    parser.add_argument("--margin", type=float, default=0.0, help="allowed harm on --protect (nats/token)")
+    parser.add_argument("--metric", choices=("nll", "accuracy"), default="nll")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not (args.model / "config.json").is_file():
@@ -370,13 +382,16 @@ def main() -> None:
     cfg_path = write_config(args, splits, args.out / "data_balance.yaml")
     ratios = parse_ratios(f"ko:en={args.ratios}")
     sweep_dir = args.out / "sweep"
-    sweep = run_sweep(cfg_path, ratios, [args.seed], sweep_dir)
-    failed = [c for c in sweep["cells"] if c.get("status") != "ok"]
+    seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",")]
+    advisor = {"target": args.target, "protect": args.protect or ["source=heldout_en"], "margin": args.margin}
+    overrides = {f"sweep.{k}": v for k, v in (advisor | {"metric": args.metric}).items()}
+    sweep = run_sweep(cfg_path, ratios, seeds, sweep_dir, overrides)  # prints the seed-aware advice too
+    failed = [c for c in sweep["cells"] if c.get("status") not in ("ok", "skipped")]
     if sweep["base"].get("status") == "failed" or failed:
         raise SystemExit(f"sweep did not finish: base {sweep['base'].get('error')}, cells {failed}")
     sweep_s = time.monotonic() - started
 
-    names = {cell_name(r, args.seed): r for r in ratios}
+    names = {cell_name(r, seeds[0]): r for r in ratios}
     reference = next(iter(names))
     scored = {"base": read_nll(sweep_dir / "base" / "eval" / "base" / "nll.jsonl")}
     preds = {"base": load_predictions(sweep_dir / "base" / "eval" / "base" / "predictions.jsonl")}
@@ -398,6 +413,10 @@ def main() -> None:
                 ("max_items", args.max_items),
                 ("lr", args.lr),
                 ("seed", args.seed),
+                ("seeds", ",".join(map(str, seeds))),
+                ("target", args.target),
+                ("margin", args.margin),
+                ("metric", args.metric),
             )
         ),
         "machine": {
@@ -413,9 +432,12 @@ def main() -> None:
         "nll": nll_comparison(scored, reference),
         "mcqa": mcqa_table(preds, reference),
         "gold_nll": gold_nll_table(preds, reference),
+        "seeds": seeds,
+        "advice": sweep["advice"],  # over every seed: intervals cover items and seeds
         "wall_s": {"sweep": round(sweep_s), "total": round(time.monotonic() - started)},
     }
-    text = markdown(result)
+    text = markdown(result) + "\nOver all seeds (tables above: seed " + f"{seeds[0]}):\n"
+    text += "\n".join(advice_lines(sweep["advice"])) + "\n"
     print(text)
     (args.out / "data_balance.md").write_text(text, encoding="utf-8")
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -296,3 +296,24 @@ def test_gguf_sentencepiece_style_vocab_round_trips_through_transformers(tmp_pat
     from_gguf = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     for text in (*PROMPTS, "  two  spaces, a snowman \u2603 and an emoji \U0001f642"):
         assert from_gguf(text).input_ids == tokenizer(text).input_ids
+
+
+# -------------------------------------------------------------------------------- forgetting guard
+
+
+def test_export_refuses_a_model_that_failed_its_guard_unless_forced(tmp_path, tiny_llama_dir):
+    from medtune.evaluate.guard import GuardFailed
+
+    run = make_run(tmp_path, tiny_llama_dir)
+    (run / "eval").mkdir()
+    check = {"group": "language=ko", "metric": "accuracy", "allowed": 2.0, "passed": False, "why": "-12.0 pp"}
+    (run / "eval" / "guard.json").write_text(json.dumps({"passed": False, "checks": [check]}))
+    with pytest.raises(GuardFailed, match="language=ko|-12.0 pp"):
+        run_export(run, "peft", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    out = run_export(run, "peft", tmp_path / "forced", force=True)
+    guard = json.loads((out / "export.json").read_text())["guard"]
+    assert guard["status"] == "failed" and guard["forced"] and guard["checks"] == [check]
+    (run / "eval" / "guard.json").unlink()
+    unchecked = run_export(run, "peft", tmp_path / "unchecked")
+    assert json.loads((unchecked / "export.json").read_text())["guard"]["status"] == "not checked"

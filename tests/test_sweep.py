@@ -278,3 +278,82 @@ def test_sweep_without_nll_writes_no_nll_comparison(config_file: Path, tmp_path:
     run_sweep(config_file, RATIOS[:1], [1], out, stages=FakeStages().stages())
     assert not (out / "cells" / "ko1-en0_seed1" / "eval" / "nll_vs_base.json").exists()
     assert "Held-out NLL" not in (out / "report" / "report.html").read_text()
+
+
+ADVISOR = {"sweep.target": "language=ko", "sweep.protect": ["language=en"], "sweep.metric": "nll"}
+
+
+def test_sweep_recommends_the_ratio_best_on_the_target_with_seed_aware_tables(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """The fakes make Korean text 0.1 nats/token cheaper per unit of Korean share on every item and leave
+    English alone: ko3-en10 is best on Korean and harms nothing, on both seeds."""
+    out = tmp_path / "sweep"
+    result = run_sweep(
+        config_file, RATIOS, [1, 2], out, {"eval.nll": True, **ADVISOR}, stages=FakeStages().stages()
+    )
+    advice = json.loads((out / "sweep.json").read_text())["advice"]
+    assert advice == json.loads(json.dumps(result["advice"]))
+    assert (
+        advice["ratios"]["ko3-en10"]["seeds"] == [1, 2] and advice["ratios"]["ko1-en0"]["english_share"] == 0
+    )
+    rec = advice["recommendation"]
+    assert rec["recommended"] == "ko3-en10" and rec["excluded"] == {} and rec["protect"] == ["language=en"]
+    ko = advice["metrics"]["nll"]["groups"]["language=ko"]["ratios"]["ko3-en10"]
+    assert ko["delta_vs_base"] == pytest.approx(-0.3) and ko["seed_means"] == pytest.approx([2.7, 2.7])
+    assert set(advice["metrics"]) == {"accuracy", "nll"}
+    page = (out / "report" / "report.md").read_text()
+    assert "recommended: ko3-en10" in page and "score_vs_english_share_nll.png" in page
+    assert (out / "report" / "score_vs_english_share_nll.png").is_file()
+
+
+def test_sweep_says_when_the_data_cannot_tell_ratios_apart(config_file: Path, tmp_path: Path) -> None:
+    """On accuracy the fakes differ by 2 Korean items of 12: too few to separate the ratios."""
+    out = tmp_path / "sweep"
+    overrides = {"sweep.target": "language=ko", "sweep.metric": "accuracy"}
+    rec = run_sweep(config_file, RATIOS, [1, 2], out, overrides, stages=FakeStages().stages())["advice"][
+        "recommendation"
+    ]
+    assert rec["recommended"] is None and rec["best"] == "ko3-en10" and rec["tied_with_best"] == ["ko1-en0"]
+    assert "cannot tell these ratios apart" in rec["message"] and rec["needed"]["items"] > 12
+    assert "cannot tell these ratios apart" in (out / "report" / "report.md").read_text()
+
+
+def test_changing_the_question_does_not_rerun_cells(config_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    run_sweep(config_file, RATIOS, [1], out, {"eval.nll": True}, stages=FakeStages().stages())
+    again = FakeStages()
+    guard = [{"group": "language=en", "max_drop_pp": 0}]
+    result = run_sweep(
+        config_file,
+        RATIOS,
+        [1],
+        out,
+        {"eval.nll": True, "eval.guard": guard, **ADVISOR},
+        stages=again.stages(),
+    )
+    assert [c["status"] for c in result["cells"]] == ["skipped", "skipped"] and again.calls == []
+    assert result["advice"]["recommendation"]["recommended"] == "ko3-en10"
+    verdict = json.loads((out / "cells" / "ko3-en10_seed1" / "eval" / "guard.json").read_text())
+    assert verdict["passed"] and verdict["checks"][0]["group"] == "language=en"
+
+
+def test_sweep_cli_takes_target_protect_margin_metric(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import medtune.sweep
+    from medtune.cli import app
+
+    monkeypatch.setattr(medtune.sweep, "default_stages", lambda: FakeStages().stages())
+    out = tmp_path / "sweep"
+    args = ["sweep", str(config_file), "--ratios", "ko:en=1:0,3:10", "--seeds", "1,2", "--out", str(out)]
+    args += ["--target", "language=ko", "--protect", "language=en", "--margin", "0.05", "--metric", "nll"]
+    result = CliRunner().invoke(app, [*args, "--set", "eval.nll=true"])
+    assert result.exit_code == 0, result.output
+    assert "recommended: ko3-en10" in result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["overrides"]["sweep.margin"] == 0.05 and sweep["advice"]["recommendation"]["margin"] == 0.05
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "other")])  # nll without eval.nll
+    assert bad.exit_code != 0 and "eval.nll" in str(bad.exception)

@@ -271,6 +271,21 @@ def sweep(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one cell per ratio and seed.")] = "0",
     out: Annotated[Path | None, typer.Option(help="Sweep dir (default: output.dir/sweep).")] = None,
     set_: SetOpt = None,
+    target: Annotated[
+        str | None,
+        typer.Option(help="Recommend the ratio best on this group, e.g. language=ko (sweep.target)."),
+    ] = None,
+    protect: Annotated[
+        list[str] | None,
+        typer.Option(help="A group no recommended ratio may harm vs the base beyond --margin (repeatable)."),
+    ] = None,
+    margin: Annotated[
+        float | None, typer.Option(help="Allowed harm on protected groups: pp of accuracy or nats of NLL.")
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(help="accuracy or nll (held-out NLL; needs eval.nll) for --target/--protect."),
+    ] = None,
 ) -> None:
     """One prepare/train/eval per (ratio, seed); the base model scored once; a sweep report at the end."""
     from medtune.sweep import parse_ratios, run_sweep
@@ -279,7 +294,9 @@ def sweep(
         seed_list = [int(s) for s in seeds.split(",")]
     except ValueError:
         raise MedtuneError(f"--seeds expects comma-separated integers, got {seeds!r}") from None
-    result = run_sweep(config, parse_ratios(ratios), seed_list, out, _parse_sets(set_))
+    advisor = {"target": target, "protect": protect, "margin": margin, "metric": metric}
+    overrides = _parse_sets(set_) | {f"sweep.{k}": v for k, v in advisor.items() if v is not None}
+    result = run_sweep(config, parse_ratios(ratios), seed_list, out, overrides)
     failed = [c["name"] for c in result["cells"] if c["status"] == "failed"]
     if failed:
         say((f"{len(failed)} cell(s) failed", "red"), f": {', '.join(failed)} (see sweep.json)", err=True)
@@ -354,6 +371,10 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Export folder (default: RUN_DIR/export/FORMAT).")] = None,
     gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16, bf16, q8_0 or f32.")] = "f16",
     dtype: Annotated[str, typer.Option(help="merged only: bfloat16 or float32.")] = "bfloat16",
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Export even if the model failed its forgetting guard (eval.guard)."),
+    ] = False,
 ) -> None:
     """Merge, export and verify a trained model for vLLM, TGI, llama.cpp or Ollama."""
     from medtune.export import run_export
@@ -364,6 +385,7 @@ def export(
         out or run_dir / "export" / format_,  # type: ignore[arg-type]
         gguf_type=gguf_type,
         dtype=dtype,
+        force=force,
     )  # type: ignore[arg-type]
     say(f"exported {format_} to ", (str(path), "bold"), f" (verification figures: {path / 'export.json'})")
 

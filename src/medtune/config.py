@@ -244,6 +244,41 @@ class DistributedConfig(Section):
     reshard_after_forward: bool = True
 
 
+class GuardRule(Section):
+    """One protected group of the forgetting guard and the largest regression against the base it allows.
+
+    Give `max_drop_pp` for accuracy or `max_nll_increase` for held-out NLL; `metric` follows from which
+    one is given (0 when neither: any significant regression fails).
+    """
+
+    group: str
+    """A group name as the eval tables spell it: `all`, `language=en`, `source=medqa`, `tag=medical_law`."""
+    metric: Literal["accuracy", "nll"] | None = None
+    max_drop_pp: float | None = Field(default=None, ge=0)
+    """Accuracy: the check fails when tuned - base is below -max_drop_pp and McNemar's exact p < 0.05."""
+    max_nll_increase: float | None = Field(default=None, ge=0)
+    """Held-out NLL (needs `eval.nll`): fails when the whole paired 95% CI of tuned - base (nats/token)
+    lies above this."""
+
+    @model_validator(mode="after")
+    def _one_limit(self) -> GuardRule:
+        if self.max_drop_pp is not None and self.max_nll_increase is not None:
+            raise ValueError("give max_drop_pp (accuracy) or max_nll_increase (nll), not both")
+        if self.metric is None:
+            self.metric = "nll" if self.max_nll_increase is not None else "accuracy"
+        elif self.metric == "nll" and self.max_drop_pp is not None:
+            raise ValueError("max_drop_pp is for metric accuracy; use max_nll_increase with metric nll")
+        elif self.metric == "accuracy" and self.max_nll_increase is not None:
+            raise ValueError("max_nll_increase is for metric nll; use max_drop_pp with metric accuracy")
+        return self
+
+    @property
+    def allowed(self) -> float:
+        """The allowed regression in the metric's unit (pp or nats/token)."""
+        limit = self.max_drop_pp if self.metric == "accuracy" else self.max_nll_increase
+        return limit or 0.0
+
+
 class EvalConfig(Section):
     mode: Literal["letter", "loglik", "generate"] = "letter"
     k_shot: int = Field(default=0, ge=0)
@@ -268,6 +303,34 @@ class EvalConfig(Section):
     fewshot_split: Literal["train"] = "train"
     """Prepared split the k-shot examples come from; never the eval split, so no item sees itself
     or a sibling eval item as an example."""
+    guard: list[GuardRule] = Field(default_factory=list)
+    """The forgetting guard: protected groups and the regression against the base each allows. `medtune
+    eval` records the verdict in eval/guard.json; `medtune export` refuses a failed model unless --force.
+    Not part of the config hash: changing a verdict rule re-judges, it does not re-run."""
+
+    @model_validator(mode="after")
+    def _nll_guard_needs_nll(self) -> EvalConfig:
+        if not self.nll and any(rule.metric == "nll" for rule in self.guard):
+            raise ValueError(
+                "a guard rule on nll needs `eval.nll: true` (held-out NLL is not scored otherwise)"
+            )
+        return self
+
+
+class SweepConfig(Section):
+    """What `medtune sweep` recommends (the same as its --target/--protect/--margin/--metric flags).
+
+    Not part of the config hash: changing the question asked of a sweep must not re-run its cells.
+    """
+
+    target: str | None = None
+    """The group to do best on, e.g. `language=ko`; None: tables only, no recommendation."""
+    protect: list[str] = Field(default_factory=list)
+    """Groups no recommended ratio may significantly harm against the base beyond `margin`."""
+    margin: float = Field(default=0.0, ge=0)
+    """Allowed harm on a protected group: pp of accuracy, or nats/token of NLL (by `metric`)."""
+    metric: Literal["accuracy", "nll"] = "accuracy"
+    """accuracy (percent, per item right/wrong) or held-out nll (needs `eval.nll: true`)."""
 
 
 class OutputConfig(Section):
@@ -286,12 +349,19 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
     def _needs_training_data(self) -> RunConfig:
         if not self.data.train and not self.data.eval:
             raise ValueError("data: give at least one source under data.train or data.eval")
+        return self
+
+    @model_validator(mode="after")
+    def _nll_advice_needs_nll(self) -> RunConfig:
+        if self.sweep.target and self.sweep.metric == "nll" and not self.eval.nll:
+            raise ValueError("sweep.metric nll needs `eval.nll: true` (held-out NLL is not scored otherwise)")
         return self
 
     @field_validator("seed")
@@ -302,8 +372,13 @@ class RunConfig(Section):
         return v
 
     def config_hash(self) -> str:
-        """Hash of the resolved config, for manifests and for refusing a stale checkpoint."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+        """Hash of the resolved config, for manifests and for refusing a stale checkpoint.
+
+        Verdict rules (`eval.guard`, `sweep`) are left out: they judge finished stages, never change
+        what a stage writes, and editing them must not make a sweep re-train its cells.
+        """
+        dumped = self.model_dump(mode="json", exclude={"sweep": True, "eval": {"guard"}})
+        blob = json.dumps(dumped, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

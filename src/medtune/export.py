@@ -33,6 +33,7 @@ import torch
 
 from medtune.config import RunConfig, validate_config
 from medtune.errors import ConfigError, ModelError, RunDirError
+from medtune.evaluate.guard import export_verdict
 from medtune.manifest import package_versions, write_json_atomic
 
 Format = Literal["merged", "peft", "gguf"]
@@ -364,10 +365,13 @@ def run_export(
     out_dir: Path,
     gguf_type: str = "f16",
     dtype: Literal["bfloat16", "float32"] = "bfloat16",
+    force: bool = False,
 ) -> Path:
     """Export `run_dir`'s trained adapter as `fmt` into `out_dir` (replaced atomically); return out_dir.
 
-    Raises ModelError, leaving any earlier export in place, when the verification fails.
+    Raises ModelError, leaving any earlier export in place, when the verification fails, and GuardFailed
+    before any work when the run's eval/guard.json says the model failed its forgetting guard (unless
+    `force`; export.json records the verdict either way).
     """
     from medtune.model.gguf_export import GGUF_TYPES
 
@@ -378,6 +382,7 @@ def run_export(
     if fmt == "gguf" and gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
     cfg, adapter = read_run(Path(run_dir))
+    guard = export_verdict(Path(run_dir), force)
     out_dir = Path(out_dir)
     refuse_overlap(out_dir, Path(run_dir), Path(cfg.model.path))
     model, tokenizer = load_pair(cfg, adapter, "float32", merge=False)
@@ -399,6 +404,7 @@ def run_export(
             "dtype": dtype if fmt == "merged" else None,
             "gguf_type": gguf_type if fmt == "gguf" else None,
             "verification": figures,
+            "guard": guard,
             "versions": package_versions(),
         }
         write_json_atomic(tmp / "export.json", record)

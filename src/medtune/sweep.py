@@ -114,6 +114,9 @@ def run_sweep(
     stages: Stages | None = None,
 ) -> dict[str, Any]:
     """Run every (ratio, seed) cell, write `sweep.json` and the sweep report; return the sweep record."""
+    from rich.console import Console
+
+    from medtune.evaluate.sweep_advice import advice_lines, sweep_advice
     from medtune.report.build import run_report
 
     cfg = load_config(cfg_path, overrides)
@@ -147,9 +150,46 @@ def run_sweep(
                     raise SweepInterrupted(record["cells"][-1]["error"])
     finally:
         _save(sweep_dir, record)
+    _guard_cells(cfg, sweep_dir, record)
+    record["advice"] = sweep_advice(sweep_dir, record, cfg.sweep)
+    _save(sweep_dir, record)  # the report reads the advice from sweep.json
+    for line in advice_lines(record["advice"]):
+        Console().print(line, markup=False, highlight=False, soft_wrap=True)
     record["report"] = str(run_report(sweep_dir, sweep_dir / "report") / "report.html")
     _save(sweep_dir, record)
     return record
+
+
+def _guard_cells(cfg: RunConfig, sweep_dir: Path, record: dict[str, Any]) -> None:
+    """With `eval.guard`, judge each finished cell against the shared base and write its eval/guard.json,
+    so `medtune export` on a cell refuses a model that forgot a protected group."""
+    from medtune.evaluate.compare import load_predictions
+    from medtune.evaluate.guard import GUARD_FILE, evaluate_guard
+    from medtune.evaluate.nll import read_nll
+    from medtune.evaluate.run import group_keys
+
+    base_dir = sweep_dir / "base" / "eval" / "base"
+    if not cfg.eval.guard or not (base_dir / "predictions.jsonl").is_file():
+        return
+    base = load_predictions(base_dir / "predictions.jsonl")
+    base_nll = read_nll(base_dir / "nll.jsonl") if (base_dir / "nll.jsonl").is_file() else None
+    for cell in record["cells"]:
+        tuned_dir = sweep_dir / cell["dir"] / "eval" / "tuned"
+        if cell["status"] not in ("ok", "skipped") or not (tuned_dir / "predictions.jsonl").is_file():
+            continue
+        tuned_nll = read_nll(tuned_dir / "nll.jsonl") if (tuned_dir / "nll.jsonl").is_file() else None
+        verdict = evaluate_guard(
+            cfg.eval.guard,
+            base,
+            load_predictions(tuned_dir / "predictions.jsonl"),
+            base_nll,
+            tuned_nll,
+            group_keys(cfg),
+            cfg.eval.bootstrap_samples,
+            cfg.seed,
+        )
+        write_json_atomic(tuned_dir.parent / GUARD_FILE, verdict)
+        cell["guard_passed"] = verdict["passed"]
 
 
 def _save(sweep_dir: Path, record: dict[str, Any]) -> None:

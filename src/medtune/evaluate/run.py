@@ -6,6 +6,7 @@
     eval/compare.json + .md       tuned vs base, paired per item (when both were scored)
     eval/{base,tuned}/nll.jsonl   with `eval.nll`: held-out NLL per eval record (MCQA and instruction);
                                   metrics.json gains per-group NLL and tuned - base with paired CIs
+    eval/guard.json               with `eval.guard` and both models: the forgetting guard's verdict
 
 Both models read the prompts `medtune.format` renders for training, so the eval measures the
 decision the model was trained on, not a second template.
@@ -26,7 +27,8 @@ from rich.table import Table
 from medtune.config import RunConfig
 from medtune.data.schema import Record
 from medtune.errors import RunDirError
-from medtune.evaluate.compare import run_compare
+from medtune.evaluate.compare import load_predictions, run_compare
+from medtune.evaluate.guard import GUARD_FILE, evaluate_guard, guard_lines
 from medtune.evaluate.nll import compare_nll, nll_rows, nll_table, read_nll, score_nll, write_nll
 from medtune.evaluate.score import build_items, score_items
 from medtune.evaluate.stats import accuracy_table
@@ -162,6 +164,10 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
         }
     if nll_records is not None:
         metrics["nll"] = _nll_metrics(cfg, out_dir, labels)
+    if cfg.eval.guard and len(labels) == 2:
+        metrics["guard"] = record_guard(cfg, out_dir)
+    else:
+        (out_dir / GUARD_FILE).unlink(missing_ok=True)  # an earlier eval's verdict would be stale
     write_json_atomic(out_dir / "metrics.json", metrics)
     (out_dir / "results.md").write_text(results_markdown(metrics), encoding="utf-8")
     console = Console()
@@ -169,7 +175,30 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
         console.print(results_rich_table(label, table))
     if "nll" in metrics:
         console.print(nll_rich_table(metrics["nll"]))
+    if "guard" in metrics:
+        style = "green" if metrics["guard"]["passed"] else "bold red"
+        for i, line in enumerate(guard_lines(metrics["guard"])):
+            console.print(line, style=style if i == 0 else None, markup=False, highlight=False)
     return {label: t["groups"]["all"] for label, t in metrics["models"].items()} | {"n_items": len(records)}
+
+
+def record_guard(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Judge the tuned model against the base by `eval.guard` from the files just written; write
+    eval/guard.json (read by the report and by `medtune export`) and return the verdict."""
+    nll = {label: out_dir / label / "nll.jsonl" for label in ("base", "tuned")}
+    has_nll = all(p.is_file() for p in nll.values())
+    verdict = evaluate_guard(
+        cfg.eval.guard,
+        load_predictions(out_dir / "base" / "predictions.jsonl"),
+        load_predictions(out_dir / "tuned" / "predictions.jsonl"),
+        read_nll(nll["base"]) if has_nll else None,
+        read_nll(nll["tuned"]) if has_nll else None,
+        group_keys(cfg),
+        cfg.eval.bootstrap_samples,
+        cfg.seed,
+    )
+    write_json_atomic(out_dir / GUARD_FILE, verdict)
+    return verdict
 
 
 def _nll_metrics(cfg: RunConfig, out_dir: Path, labels: list[str]) -> dict[str, Any]:

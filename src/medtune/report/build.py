@@ -25,8 +25,9 @@ from typing import Any
 import yaml
 
 from medtune.evaluate.nll import nll_rows
+from medtune.evaluate.sweep_advice import format_change, headline_groups
 from medtune.manifest import finish_record, start_record
-from medtune.report.plots import Bar, accuracy_chart, efficiency_chart, loss_chart
+from medtune.report.plots import Bar, SharePoint, accuracy_chart, efficiency_chart, loss_chart, share_chart
 
 SIGNIFICANCE_LEVEL = 0.05
 CONFIG_KEYS = (
@@ -204,6 +205,7 @@ def _interval(summary: dict[str, Any]) -> tuple[float | None, float | None]:
 
 
 def _run_sections(doc: Doc, run_dir: Path) -> None:
+    _guard_section(doc, read_json(run_dir / "eval" / "guard.json"))
     config = run_config(run_dir)
     _config_section(doc, config, run_dir)
     _data_section(doc, run_dir / "prepare")
@@ -235,6 +237,29 @@ def _run_sections(doc: Doc, run_dir: Path) -> None:
             "eval/tuned/predictions.jsonl",
         ],
     )
+
+
+def _guard_section(doc: Doc, verdict: dict[str, Any] | None) -> None:
+    """The forgetting guard's verdict, first on the page: it decides whether the model may ship."""
+    if not verdict:
+        return
+    doc.add("h2", f"Forgetting guard: {'passed' if verdict.get('passed') else 'FAILED'}")
+    rows, muted = [], set()
+    for i, c in enumerate(verdict.get("checks", [])):
+        if c.get("passed"):
+            muted.add(i)
+        rows.append(
+            [
+                c["group"],
+                c["metric"],
+                _fmt_value(c.get("allowed")),
+                c["why"],
+                "pass" if c["passed"] else "FAIL",
+            ]
+        )
+    doc.add("table", Table(["group", "metric", "allowed regression", "measured", "verdict"], rows, muted))
+    if not verdict.get("passed"):
+        doc.add("p", "`medtune export` refuses this model unless given --force (eval/guard.json).")
 
 
 def _nll_section(doc: Doc, nll: dict[str, Any] | None) -> None:
@@ -551,6 +576,7 @@ def _sweep_sections(doc: Doc, sweep_dir: Path) -> None:
         )
     doc.add("h2", "Cells")
     doc.add("table", table)
+    _advice_section(doc, sweep.get("advice"))
     base_dir = sweep_dir / sweep.get("base", {}).get("dir", "base")
     _config_section(doc, run_config(base_dir), base_dir)
     done = [c for c in cells if (sweep_dir / c["dir"] / "eval" / "metrics.json").is_file()]
@@ -588,6 +614,90 @@ def _sweep_sections(doc: Doc, sweep_dir: Path) -> None:
     _training_section(doc, {k: v for k, v in logs.items() if v}, "loss_sweep.png")
     doc.add("h2", "Data per cell")
     _cell_data_table(doc, sweep_dir, cells)
+
+
+def _advice_section(doc: Doc, advice: dict[str, Any] | None) -> None:
+    """The recommendation (with --target) and, per metric, each ratio's change vs the base with an
+    interval over items and seeds, as a table and against the English share of the mix."""
+    if not advice or not advice.get("metrics"):
+        return
+    rec = advice.get("recommendation")
+    if rec:
+        doc.add("h2", "Recommendation")
+        doc.add("p", rec["message"])
+        if rec.get("excluded"):
+            doc.add("ul", [f"{label} excluded: {'; '.join(why)}" for label, why in rec["excluded"].items()])
+        if rec.get("versus_best"):
+            rows = [
+                [
+                    f"{rec['best']} − {other}",
+                    f"{v['estimate']:+.4g}",
+                    f"[{v['ci95'][0]:+.4g}, {v['ci95'][1]:+.4g}]",
+                    "significant" if v["significant"] else "not significant",
+                ]
+                for other, v in rec["versus_best"].items()
+            ]
+            doc.add(
+                "table", Table([f"on {rec['target']} (better is +)", "difference", "95% CI", "verdict"], rows)
+            )
+    seeds = {label: info["seeds"] for label, info in advice["ratios"].items()}
+    for metric, summary in advice["metrics"].items():
+        _advice_table(doc, metric, summary, rec, seeds)
+        _advice_chart(doc, metric, summary, rec, advice["ratios"])
+    note = "Intervals: mean change vs the base ± t × SE, where SE covers item and seed variation "
+    note += "(medtune.evaluate.advise); 'seed-dominated' where seed-to-seed variation is most of it."
+    if all(len(s) == 1 for s in seeds.values()):
+        note += " One seed per ratio: the intervals cover items only, not training-run variation."
+    doc.add("p", note)
+
+
+def _advice_table(
+    doc: Doc, metric: str, summary: dict[str, Any], rec: dict[str, Any] | None, seeds: dict[str, list]
+) -> None:
+    unit = "accuracy %, change in pp" if metric == "accuracy" else "held-out NLL nats/token, lower is better"
+    doc.add("h3", f"Per ratio over seeds: {unit}")
+    table = Table(["group", "n", "base", "ratio", "seeds", "mean", "change vs base [95% CI]", "verdict"], [])
+    for group in headline_groups(summary, rec):
+        g = summary["groups"][group]
+        for label, r in g["ratios"].items():
+            if not r["significant"]:
+                table.muted.add(len(table.rows))
+            table.rows.append(
+                [
+                    group,
+                    str(g["n"]),
+                    f"{g['base']:.4g}",
+                    label,
+                    str(len(seeds.get(label, []))),
+                    f"{r['mean']:.4g}",
+                    format_change(r, metric),
+                    "significant" if r["significant"] else "not significant",
+                ]
+            )
+    doc.add("table", table)
+
+
+def _advice_chart(
+    doc: Doc, metric: str, summary: dict[str, Any], rec: dict[str, Any] | None, ratios: dict[str, Any]
+) -> None:
+    series = {
+        group: [
+            SharePoint(ratios[label]["english_share"], r["delta_vs_base"], *r["ci95"])
+            for label, r in summary["groups"][group]["ratios"].items()
+            if ratios.get(label, {}).get("english_share") is not None
+        ]
+        for group in headline_groups(summary, rec)
+    }
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return
+    ylabel = "accuracy change vs base (pp)" if metric == "accuracy" else "NLL change vs base (nats/token)"
+    path = share_chart(
+        series, doc.out_dir / f"score_vs_english_share_{metric}.png", f"{metric} by mix", ylabel
+    )
+    doc.add(
+        "img", (path.name, f"{metric} change vs base against the English share, 95% CIs over items and seeds")
+    )
 
 
 def _sweep_nll_table(doc: Doc, pairs: dict[str, dict[str, Any] | None]) -> None:

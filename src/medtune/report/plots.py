@@ -108,6 +108,36 @@ def efficiency_chart(
     return _save(fig, path)
 
 
+class SharePoint(NamedTuple):
+    """One ratio on a score-vs-mix chart: its English share, the change vs base and its 95% interval."""
+
+    share: float
+    change: float
+    low: float
+    high: float
+
+
+def share_chart(series: Mapping[str, Sequence[SharePoint]], path: Path, title: str, ylabel: str) -> Path:
+    """Each group's change against the base as the English share of the training mix grows, with CIs.
+
+    The base model sits at 0: a point whose whisker crosses 0 is not distinguishable from it.
+    """
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    for label, points in series.items():
+        points = sorted(points)
+        xs = [100 * p.share for p in points]
+        ys = [p.change for p in points]
+        errs = [[p.change - p.low for p in points], [p.high - p.change for p in points]]
+        ax.errorbar(xs, ys, yerr=errs, label=label, marker="o", capsize=3, linewidth=1.2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("English share of the training mix (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
