@@ -106,10 +106,10 @@ def test_bf16_loss_curve_follows_fp32(tmp_path: Path, tiny_llama_dir: Path) -> N
     assert fp32[-3:].mean() < fp32[:3].mean() - 0.3, "the fp32 run learns, so following it means something"
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="fp32 modules_to_save lm_head gets bf16 input")
-def test_modules_to_save_lm_head_trains_in_bf16(tiny_llama_dir: Path) -> None:
-    """A known defect, on CUDA too: `_trainable_to_fp32` makes the saved lm_head copy fp32 while the
-    decoder hands it bf16 hidden states, and F.linear refuses mixed dtypes."""
+@pytest.mark.parametrize("modules", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_modules_to_save_train_in_bf16(tiny_llama_dir: Path, modules: list[str]) -> None:
+    """`_trainable_to_fp32` keeps fp32 master copies of modules_to_save while the network runs in
+    bf16 (on CUDA always): F.linear used to refuse bf16 hidden states against the fp32 lm_head."""
     from medtune.config import validate_config
     from medtune.model.load import load_model_for_training
 
@@ -117,8 +117,11 @@ def test_modules_to_save_lm_head_trains_in_bf16(tiny_llama_dir: Path) -> None:
         "model": {"path": str(tiny_llama_dir), "dtype": "bfloat16"},
         "data": {"train": [{"path": "unused.jsonl"}]},
         "quantization": {"mode": "none"},
-        "lora": {"modules_to_save": ["lm_head"]},
+        "lora": {"modules_to_save": modules},
     }
     model = load_model_for_training(validate_config(raw))
     ids = torch.randint(0, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    saved = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    assert {n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n, _ in saved} == set(modules)
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for _, p in saved)

@@ -306,10 +306,30 @@ def load_model_for_training(cfg: RunConfig, fsdp: bool = False, device: torch.de
 
 
 def _trainable_to_fp32(model: torch.nn.Module) -> None:
-    """Optimiser master weights in fp32; peft already does this for LoRA, not for modules_to_save."""
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
+    """Optimiser master weights in fp32; peft already does this for LoRA, not for modules_to_save.
+
+    A module whose own weights this upcasts (a `modules_to_save` lm_head or embedding) still sits
+    in a bf16 network: hooks run it in fp32 and hand its output on in the dtype it had, else
+    F.linear refuses bf16 hidden states against an fp32 weight.
+    """
+    for module in model.modules():
+        upcast = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        if not upcast:
+            continue
+        compute_dtype = upcast[0].dtype
+        for param in upcast:
             param.data = param.data.float()
+        module.register_forward_pre_hook(lambda _m, args: _cast_floats(args, torch.float32))
+        module.register_forward_hook(lambda _m, _args, out, dtype=compute_dtype: _cast_floats(out, dtype))
+
+
+def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """`value` with every floating tensor in it (a tensor, or a tuple of them) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floats(v, dtype) for v in value)
+    return value
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
