@@ -16,6 +16,13 @@ EXAMPLES = REPO / "examples"
 REQUIRE_REAL = "MEDTUNE_REQUIRE_REAL"
 
 
+def stand_in_model_dir(path: Path) -> Path:
+    """A folder that passes the config's `model.path` check, for tests whose stages never load it."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
 def skip_unless_required(reason: str) -> None:
     """Skip a test whose real resource (a fetched model, a browser) is absent, unless CI requires it.
 
@@ -25,6 +32,16 @@ def skip_unless_required(reason: str) -> None:
     if os.environ.get(REQUIRE_REAL):
         pytest.fail(f"{reason} ({REQUIRE_REAL} is set: CI must run this test)", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Tests call `medtune.cli.main` in this process, which sets MEDTUNE_DEBUG, PYTHONWARNINGS and
+    TQDM_DISABLE for its child processes: undo that, so no test inherits another's settings."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

@@ -113,9 +113,9 @@ def test_shared_prepare_reuses_the_runs_data_only_when_the_same_config_made_it(t
     from medtune.data.prepare import run_prepare
     from medtune.manifest import read_manifest, write_json_atomic
 
-    from .conftest import EXAMPLES
+    from .conftest import EXAMPLES, stand_in_model_dir
 
-    base = {"output.dir": str(tmp_path / "run"), "model.path": str(tmp_path / "no-model")}
+    base = {"output.dir": str(tmp_path / "run"), "model.path": str(stand_in_model_dir(tmp_path / "model"))}
     cfg = load_config(EXAMPLES / "quickstart.yaml", base)
     other = load_config(EXAMPLES / "quickstart.yaml", {**base, "data.mix.ratio": {"ko": 1, "en": 0}})
     run_prepare(other, tmp_path / "run" / "prepare")  # the run dir holds another mix, finished

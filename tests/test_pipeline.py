@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, stand_in_model_dir
 
 # Loaded through PYTHONPATH into the child process: any attempt to open an internet socket fails.
 BLOCK_SOCKETS = """
@@ -107,9 +107,7 @@ DATA = EXAMPLES / "data"
 
 def data_config(tmp_path: Path, train: list[dict] | None = None, **top: object) -> Path:
     """A prepare-only config on the bundled samples; `train` replaces the training sources."""
-    model = tmp_path / "stand-in-model"  # prepare never loads it, but the config must name a model
-    model.mkdir(exist_ok=True)
-    (model / "config.json").write_text("{}")
+    model = stand_in_model_dir(tmp_path / "stand-in-model")  # prepare never loads it
     body = {
         "seed": 0,
         "model": {"path": str(model)},

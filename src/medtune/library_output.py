@@ -44,6 +44,9 @@ def configure_library_output(debug: bool) -> None:
             level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
         )
         ours.setLevel(logging.DEBUG)
+        warnings.simplefilter("default")  # each warning once per place, whatever a parent set
+        os.environ["PYTHONWARNINGS"] = "default"
+        os.environ.pop("TQDM_DISABLE", None)
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
