@@ -178,23 +178,31 @@ def train(
     nproc: Annotated[
         int | None, typer.Option(help="Processes (GPUs) on this node; >1 runs torchrun.")
     ] = None,
+    nnodes: Annotated[int | None, typer.Option(help="Machines in the job (distributed.nnodes).")] = None,
+    node_rank: Annotated[int | None, typer.Option(help="This machine's index, 0..nnodes-1.")] = None,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT where the nodes meet (node 0's address).")
+    ] = None,
 ) -> None:
     """Fine-tune with (Q)LoRA on output.dir/prepare; write output.dir/train/."""
-    cfg = _load(config, set_)
-    _train_stage(cfg, config, set_, resume, force, nproc)
+    launch = {"nproc": nproc, "nnodes": nnodes, "node_rank": node_rank, "rdzv_endpoint": rdzv_endpoint}
+    sets = [*(set_ or []), *(f"distributed.{k}={v}" for k, v in launch.items() if v is not None)]
+    _train_stage(_load(config, sets), config, sets, resume, force)
 
 
-def _train_stage(
-    cfg: RunConfig, config: Path, set_: list[str] | None, resume: bool, force: bool, nproc: int | None
-) -> None:
-    """Train here, or (nproc > 1, not yet under torchrun) relaunch this command under torchrun."""
+def _train_stage(cfg: RunConfig, config: Path, set_: list[str] | None, resume: bool, force: bool) -> None:
+    """Train here, or (several ranks, not yet under a launcher) relaunch this command under torchrun.
+
+    A launcher that already started the ranks (torchrun, `srun`, a Kubernetes PyTorchJob) sets
+    WORLD_SIZE: then this process is one rank and trains.
+    """
     from medtune.pipeline import finished, require_finished, torchrun_train, train_stage
 
-    nproc = nproc or cfg.distributed.nproc
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+    launch = cfg.distributed
+    if (launch.nproc > 1 or launch.nnodes > 1) and "WORLD_SIZE" not in os.environ:
         require_finished(cfg, "prepare", "prepare")
         if not finished(cfg, "train", cfg.output.dir / "train", force):
-            torchrun_train(nproc, config, set_ or [], resume, force)
+            torchrun_train(launch.nproc, config, set_ or [], resume, force, nodes=launch)
         return
     train_stage(cfg, resume, force)  # a signal stop leaves a checkpoint and exits 0
 
@@ -240,7 +248,7 @@ def run(
     cfg = _load(config, set_)
     check_run(cfg, resume, force)  # before prepare/ is touched
     prepare_stage(cfg, force)
-    _train_stage(cfg, config, set_, resume, False, None)
+    _train_stage(cfg, config, set_, resume, False)
     if read_manifest(stage_dir(cfg, "train")) is None:
         return  # stopped by a signal at a checkpoint: `medtune run --resume` continues
     eval_stage(cfg, force=force)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -237,11 +238,34 @@ class TrainConfig(Section):
 
 
 class DistributedConfig(Section):
+    """How many processes train, on how many machines (docs/distributed.md)."""
+
     nproc: int = Field(default=1, ge=1)
-    """Processes on this node; >1 makes `medtune train` re-launch itself under torchrun."""
+    """Processes (GPUs) per node; >1 makes `medtune train` re-launch itself under torchrun."""
+    nnodes: int = Field(default=1, ge=1)
+    """Machines in the job. >1 needs `rdzv_endpoint` and this machine's `node_rank`, and
+    `output.dir` on storage every node sees (checkpoints are written shard by shard by every rank)."""
+    node_rank: int = Field(default=0, ge=0)
+    """This machine's index, 0..nnodes-1 (a launch detail: not part of the config hash)."""
+    rdzv_endpoint: str | None = None
+    """HOST:PORT where the nodes meet (torchrun's c10d rendezvous), usually node 0's address."""
+    rdzv_id: str = "medtune"
+    """Job id of the rendezvous: nodes with the same endpoint and id form one job."""
+    timeout_s: int = Field(default=1800, ge=10)
+    """How long a rank waits for the others in one collective before it fails instead of hanging."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     cpu_offload: bool = False
     reshard_after_forward: bool = True
+
+    @model_validator(mode="after")
+    def _multi_node_needs_a_meeting_point(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("nnodes > 1 needs rdzv_endpoint (HOST:PORT of node 0)")
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nnodes {self.nnodes}")
+        if self.rdzv_endpoint is not None and not re.fullmatch(r"\[?[\w.:-]+\]?:\d{1,5}", self.rdzv_endpoint):
+            raise ValueError(f"rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}")
+        return self
 
 
 class GuardRule(Section):
@@ -375,9 +399,12 @@ class RunConfig(Section):
         """Hash of the resolved config, for manifests and for refusing a stale checkpoint.
 
         Verdict rules (`eval.guard`, `sweep`) are left out: they judge finished stages, never change
-        what a stage writes, and editing them must not make a sweep re-train its cells.
+        what a stage writes, and editing them must not make a sweep re-train its cells. So are the
+        launch details that differ between the nodes of one job (`node_rank`, the rendezvous).
         """
-        dumped = self.model_dump(mode="json", exclude={"sweep": True, "eval": {"guard"}})
+        launch = {"node_rank", "rdzv_endpoint", "rdzv_id", "timeout_s"}
+        verdicts = {"sweep": True, "eval": {"guard"}}
+        dumped = self.model_dump(mode="json", exclude={**verdicts, "distributed": launch})
         blob = json.dumps(dumped, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

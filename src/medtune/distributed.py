@@ -8,6 +8,7 @@ that computes the loss, so its parameters are gathered for the whole loss comput
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -46,7 +47,9 @@ def init_distributed(cfg: DistributedConfig) -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
-        dist.init_process_group(backend=backend, device_id=device if cuda else None)
+        # A rank whose peers died fails its next collective after `timeout_s` instead of hanging.
+        timeout = datetime.timedelta(seconds=cfg.timeout_s)
+        dist.init_process_group(backend=backend, device_id=device if cuda else None, timeout=timeout)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -62,6 +65,16 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         values = values.to(info.device)
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def gather_ints(value: int, info: DistInfo) -> list[int]:
+    """`value` from every rank, in rank order (a one-element list in a single process)."""
+    if not info.distributed:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.int64, device=info.device)
+    every = [torch.zeros_like(mine) for _ in range(info.world_size)]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
 
 
 def barrier(info: DistInfo) -> None:

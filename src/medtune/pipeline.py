@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from medtune.config import RunConfig
+from medtune.config import DistributedConfig, RunConfig
 from medtune.errors import MedtuneError, RunDirError
 from medtune.manifest import finish_record, read_manifest, start_record
 
@@ -181,16 +181,24 @@ def torchrun_train(
     log: IO[str] | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float | None = None,
+    nodes: DistributedConfig | None = None,
 ) -> None:
-    """Run `medtune train CONFIG` under torchrun with `nproc` ranks; each rank runs `train_stage`.
+    """Run `medtune train CONFIG` under torchrun with `nproc` ranks here; each rank runs `train_stage`.
 
     torchrun starts every rank as a fresh process with its own rendezvous environment, so the only
     way in is a command line. It is started as `<this python> -m torch.distributed.run`, not found on
-    PATH, so the ranks run in the same environment as the caller.
+    PATH, so the ranks run in the same environment as the caller. With `nodes.nnodes > 1` this is
+    one node's share of a job that meets at `nodes.rdzv_endpoint` (c10d rendezvous).
     """
     argv = ["train", str(config), *[a for s in sets for a in ("--set", s)]]
     argv += ["--resume"] * resume + ["--force"] * force
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *_rendezvous_args(nodes),
+        f"--nproc_per_node={nproc}",
+    ]
     proc = subprocess.run(
         [*cmd, "-m", "medtune", *argv],
         stdout=log,
@@ -202,4 +210,26 @@ def torchrun_train(
     if proc.returncode != 0:
         raise MedtuneError(
             f"distributed training failed (torchrun exit code {proc.returncode}); see the log above"
+            + (" (on every node: a rank that lost its peers stops with an error)" if _multi(nodes) else "")
         )
+
+
+def _multi(nodes: DistributedConfig | None) -> bool:
+    return nodes is not None and nodes.nnodes > 1
+
+
+def _rendezvous_args(nodes: DistributedConfig | None) -> list[str]:
+    """torchrun's flags: a private single-node rendezvous, or this node's place in a multi-node job."""
+    if not _multi(nodes):
+        return ["--standalone"]
+    assert nodes is not None and nodes.rdzv_endpoint  # checked by DistributedConfig
+    return [
+        f"--nnodes={nodes.nnodes}",
+        f"--node_rank={nodes.node_rank}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={nodes.rdzv_endpoint}",
+        f"--rdzv_id={nodes.rdzv_id}",
+        # A node that never arrives, or dies before the job starts, fails the rendezvous, not a hang.
+        f"--rdzv_conf=join_timeout={nodes.timeout_s}",
+        "--max_restarts=0",
+    ]

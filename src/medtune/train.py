@@ -27,6 +27,7 @@ from medtune.data.prepare import read_prepared
 from medtune.distributed import (
     DistInfo,
     all_reduce_sum,
+    gather_ints,
     init_distributed,
     shard_with_fsdp2,
     shutdown_distributed,
@@ -141,7 +142,9 @@ def _train(
                     )
             pos.step += 1
             elapsed = time.perf_counter() - started
-            if info.is_main and pos.step % cfg.train.log_every == 0:
+            logging_step = pos.step % cfg.train.log_every == 0
+            peaks = gather_ints(_peak_memory(info), info) if logging_step else []  # every rank joins
+            if info.is_main and logging_step:
                 metrics_sinks(
                     {
                         "step": pos.step,
@@ -156,7 +159,8 @@ def _train(
                         "real_token_fraction": real / max(slots, 1),
                         "tokens_per_s": real / elapsed,
                         "step_seconds": elapsed,
-                        "peak_memory_bytes": _peak_memory(info),
+                        "peak_memory_bytes": max(peaks),
+                        "peak_memory_bytes_per_rank": peaks,
                     },
                 )
             advance(f"loss {loss:.4f}")
