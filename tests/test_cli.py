@@ -111,3 +111,15 @@ def test_library_warnings_stay_out_of_the_output_unless_debug(tmp_path: Path, ti
     assert medtune("prepare", str(config), "-s", again).returncode == 0
     loud = medtune("train", str(config), "--debug", "-s", again)
     assert loud.returncode == 0 and "FutureWarning" in loud.stderr, loud.stderr
+
+
+def test_tables_print_source_names_verbatim(tmp_path: Path, capsys) -> None:
+    """A source name is data: in rich markup `a[/red]b` crashes the table printer."""
+    from tests.test_pipeline import DATA, data_config
+
+    name = HOSTILE_NAMES[0]
+    config = data_config(tmp_path, [{"path": str(DATA / "medqa" / "train.jsonl"), "name": name}])
+    code, out, err = in_process(capsys, "prepare", config)
+    assert code == 0 and name in out, err
+    code, out, err = in_process(capsys, "data", "inspect", config)
+    assert code == 0 and name in out, err

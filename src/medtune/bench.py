@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from medtune.config import RunConfig, dump_config, load_config
 from medtune.data.prepare import run_prepare
@@ -325,7 +326,8 @@ def bench_table(result: dict[str, Any]) -> Table:
         table.add_column(col, justify="left" if col == "cell" else "right")
     for r in result["cells"]:
         if r["status"] != "ok":
-            table.add_row(r["name"], f"failed: {(r['error'] or '')[:60]}", *[""] * 6, style="red")
+            failure = Text(f"failed: {(r['error'] or '')[:60]}")  # an error text, not rich markup
+            table.add_row(r["name"], failure, *[""] * 6, style="red")
             continue
         ratios = r["ratios"] or {}
         table.add_row(

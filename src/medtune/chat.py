@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.text import Text
 
 from medtune.errors import RunDirError
 
@@ -161,7 +162,7 @@ def run_chat(
     """
     output = output or Console()
     model, tokenizer = load_chat_model(Path(target))
-    output.print(f"[bold]medtune chat[/bold] — {target}\n{HELP}")
+    output.print(Text.assemble(("medtune chat", "bold"), f" — {target}\n{HELP}"))
     messages: list[dict[str, str]] = []
     turns: list[dict[str, Any]] = []
     while True:

@@ -253,7 +253,7 @@ def run(
         return  # stopped by a signal at a checkpoint: `medtune run --resume` continues
     eval_stage(cfg, force=force)
     report_dir = _report(cfg.output.dir)
-    console.print(f"\nreport: [bold]{report_dir / 'report.html'}[/bold]")
+    say("\nreport: ", (str(report_dir / "report.html"), "bold"))
 
 
 @app.command()

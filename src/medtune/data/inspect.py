@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from medtune.config import RunConfig
 from medtune.data.manifest import write_json
@@ -106,7 +107,7 @@ def _print(report: dict[str, Any], console: Console) -> None:
     for name, c in report["sources"].items():
         langs = ", ".join(f"{k} {v}" for k, v in c["languages"].items())
         t.add_row(
-            name,
+            Text(name),  # a user's source name, not rich markup
             *(
                 str(c[k])
                 for k in (
@@ -132,7 +133,7 @@ def _print(report: dict[str, Any], console: Console) -> None:
             h = d["length"]
             lt.add_row(
                 split,
-                source,
+                Text(source),
                 str(h["n"]),
                 str(h["min"]),
                 f"{h['median']:.0f}",

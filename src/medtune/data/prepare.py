@@ -22,6 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from medtune.config import RunConfig, SourceConfig
 from medtune.data.contamination import ContaminationIndex
@@ -403,7 +404,8 @@ def source_table(manifest: dict[str, Any]) -> Table:
     for key, c in sources.items():
         mixed_is_meaningful = c["role"] == "train"
         cells = [f"{c[k]:,}" if k != "mixed" or mixed_is_meaningful else "" for _, k in SUMMARY_COLUMNS]
-        table.add_row(key.split("/", 1)[1], c["role"], *cells, style=None if c["kept"] else "red")
+        name = Text(key.split("/", 1)[1])  # a user's source name, not rich markup
+        table.add_row(name, c["role"], *cells, style=None if c["kept"] else "red")
     totals = [f"{sum(c[k] for c in sources.values()):,}" for _, k in SUMMARY_COLUMNS]
     table.add_row("all", "", *totals, style="bold")
     return table

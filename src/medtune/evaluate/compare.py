@@ -15,6 +15,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from medtune.errors import RunDirError
 from medtune.evaluate.stats import (
@@ -219,5 +220,5 @@ def compare_rich_table(result: dict[str, Any]) -> Table:
         table.add_column(col, justify="left" if col in ("group", "verdict") else "right")
     for name, g in result["groups"].items():
         style = ("green" if g["delta_pp"] > 0 else "red") if g["significant"] else None
-        table.add_row(*_fmt_row(name, g), style=style)
+        table.add_row(*map(Text, _fmt_row(name, g)), style=style)  # names are data, not markup
     return table

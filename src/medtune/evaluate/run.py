@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from medtune.config import RunConfig
 from medtune.data.schema import Record
@@ -217,7 +218,7 @@ def nll_rich_table(nll: dict[str, Any]) -> Table:
     for col in header:
         out.add_column(col, justify="left" if col == "group" else "right")
     for row in rows:
-        out.add_row(*row)
+        out.add_row(*map(Text, row))  # group names are data, not rich markup
     return out
 
 
@@ -277,5 +278,5 @@ def results_rich_table(label: str, table: dict[str, Any]) -> Table:
     for col in _HEADER:
         out.add_column(col, justify="left" if col == "group" else "right")
     for name, g in table["groups"].items():
-        out.add_row(*_row(name, g))
+        out.add_row(*map(Text, _row(name, g)))
     return out
