@@ -237,3 +237,16 @@ def test_a_stage_killed_after_setting_the_old_folder_aside_gets_it_back(tmp_path
     assert run_stage("eval", cfg, lambda out: calls.append(out) or {"n": 2}) == {"n": 1}  # finished
     assert len(calls) == 1 and not (out / "metrics.json").exists()
     assert not out.with_name(".eval.previous").exists()
+
+
+@pytest.mark.slow
+def test_a_full_eval_after_a_base_only_eval_scores_the_tuned_model(
+    tmp_path: Path, tiny_llama_dir: Path, capsys
+) -> None:
+    """Both evals have one config hash; the base-only one must not count as the finished full one."""
+    config = quickstart_config(tmp_path, tiny_llama_dir, max_steps=1, save_every=None)
+    for verb in (["prepare"], ["train"], ["eval", "--base-only"]):
+        assert medtune(capsys, *verb, config)[0] == 0
+    assert not (tmp_path / "run" / "eval" / "tuned").exists()
+    assert medtune(capsys, "eval", config)[0] == 0
+    assert (tmp_path / "run" / "eval" / "tuned" / "predictions.jsonl").is_file()

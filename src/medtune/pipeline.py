@@ -78,15 +78,17 @@ def require_finished(cfg: RunConfig, stage: str, verb: str) -> Path:
     return path
 
 
-def run_stage(stage: str, cfg: RunConfig, work: StageWork, force: bool = False) -> dict[str, Any]:
-    """Run `work(output.dir/stage)` unless this config finished it already; return its results.
+def run_stage(
+    stage: str, cfg: RunConfig, work: StageWork, force: bool = False, redo: bool = False
+) -> dict[str, Any]:
+    """Run `work(output.dir/stage)` unless this config finished it already (or `redo`); return its results.
 
     The previous folder is set aside first and restored if `work` raises (or the process dies, see
     `_recover`), so the folder is always one complete run or nothing.
     """
     out = cfg.output.dir / stage
     _recover(out)
-    if finished(cfg, stage, out, force):
+    if finished(cfg, stage, out, force) and not redo:
         print(f"{stage}: already finished in {out} (config {cfg.config_hash()}); skipping", flush=True)
         return (read_manifest(out) or {}).get("results") or {}
     aside = _aside(out)
@@ -142,7 +144,11 @@ def eval_stage(cfg: RunConfig, base_only: bool = False, force: bool = False) -> 
 
     prepared = require_finished(cfg, "prepare", "prepare")
     trained = None if base_only else require_finished(cfg, "train", "train")
-    return run_stage("eval", cfg, lambda out: run_eval(cfg, prepared, trained, out), force)
+    # A finished `--base-only` eval has this config's hash but no tuned scores: not finished for
+    # a full eval (its results are keyed by the models it scored).
+    previous = (read_manifest(cfg.output.dir / "eval") or {}).get("results") or {}
+    redo = not base_only and "base" in previous and "tuned" not in previous
+    return run_stage("eval", cfg, lambda out: run_eval(cfg, prepared, trained, out), force, redo=redo)
 
 
 def train_stage(
