@@ -9,7 +9,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from medtune.chat import build_prompt, run_chat
+from medtune.chat import build_prompt, encode_prompt, run_chat
+from medtune.config import PackingConfig
 from medtune.errors import RunDirError
 from tests.test_export import make_run
 
@@ -71,13 +72,55 @@ def test_plain_template_and_end_of_input(tmp_path):
     model_dir = build_tiny_model(tmp_path / "plain", "gemma3", chat_template=False)
     from transformers import AutoTokenizer
 
-    prompt = build_prompt(
-        AutoTokenizer.from_pretrained(model_dir), [{"role": "user", "content": "안녕하세요"}]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    # The plain template training used (`render_prompt` of an instruction record), not "User: ...":
+    # chat used to talk to plain-template models in a format they never saw.
+    assert (
+        build_prompt(tok, [{"role": "user", "content": "안녕하세요"}], PackingConfig())
+        == "안녕하세요\n\n답변:"
     )
-    assert prompt == "User: 안녕하세요\nAssistant:"
+    two = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        *[{"role": "user", "content": "Fever?"}],
+    ]
+    assert build_prompt(tok, two, PackingConfig()) == "Hi\n\nResponse: Hello.\n\nFever?\n\nResponse:"
     input_fn, _ = scripted(["안녕하세요, 열이 나요."])
     turns = run_chat(model_dir, max_new_tokens=5, input_fn=input_fn, output=Console(file=io.StringIO()))
-    assert len(turns) == 1 and turns[0]["reply"] and "\nUser:" not in turns[0]["reply"]
+    assert len(turns) == 1 and turns[0]["reply"]
+
+
+def _record(kind: str) -> dict:
+    return {
+        "id": "x", "kind": kind, "language": "ko", "source": "s", "subject": None, "context": None,
+        "question": "두통이 3일째 계속됩니다. 어떻게 해야 하나요?", "prompt": "두통이 3일째 계속됩니다.",
+        "options": ["휴식", "진통제", "응급실"], "answer": "B", "response": "병원에 가세요.",
+        "explanation": None,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_train_eval_and_chat_see_the_same_prompt_tokens(tmp_path, chat_template: bool):
+    """One record through the training path, the evaluation paths and chat: the same prompt ids.
+
+    Chat turns are instructions (a user types a message), scored as such by held-out NLL; exam items
+    are MCQA records, scored by letter."""
+    from transformers import AutoTokenizer
+
+    from medtune.evaluate.score import build_items, encode_prompts
+    from medtune.format import encode_prompt as train_prompt_ids
+    from medtune.format import render_prompt, tokenize_example
+    from medtune.model.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "m", "llama", chat_template=chat_template)
+    tok, cfg = AutoTokenizer.from_pretrained(model_dir), PackingConfig()
+    instruction, mcqa = _record("instruction"), _record("mcqa")
+    train = train_prompt_ids(render_prompt(instruction, tok, cfg), tok)
+    chat = encode_prompt(tok, [{"role": "user", "content": instruction["prompt"]}], cfg, 4096)
+    nll = tokenize_example(instruction, tok, cfg)["input_ids"][: len(train)]  # evaluate/nll.py's path
+    assert chat[0].tolist() == train == nll
+    (item,) = build_items([mcqa], tok, cfg)
+    assert encode_prompts(tok, [item["prompt"]])[0] == train_prompt_ids(render_prompt(mcqa, tok, cfg), tok)
 
 
 def test_chat_template_prompt_ends_where_the_assistant_speaks(tiny_llama_dir, tiny_gemma_dir):
@@ -88,8 +131,8 @@ def test_chat_template_prompt_ends_where_the_assistant_speaks(tiny_llama_dir, ti
         {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "두통"},
     ]
-    llama = build_prompt(AutoTokenizer.from_pretrained(tiny_llama_dir), messages)
-    gemma = build_prompt(AutoTokenizer.from_pretrained(tiny_gemma_dir), messages)
+    llama = build_prompt(AutoTokenizer.from_pretrained(tiny_llama_dir), messages, PackingConfig())
+    gemma = build_prompt(AutoTokenizer.from_pretrained(tiny_gemma_dir), messages, PackingConfig())
     assert llama.endswith("두통<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert (
         gemma.endswith("두통<end_of_turn>\n<start_of_turn>model\n") and "<start_of_turn>model\nHello" in gemma

@@ -1,15 +1,17 @@
 """`medtune chat`: talk to a trained model in the terminal, to see what fine-tuning did before shipping it.
 
 Works on a run directory (base + adapter, as trained), a merged export (plain HF folder) or a GGUF
-export (through transformers' GGUF loader). Each turn goes through the model's own chat template, so
-what you see is what a server applying the same template would return; a tokenizer with no template
-gets a plain `User:` / `Assistant:` transcript. Replies stream as they are generated. `/reset`
+export (through transformers' GGUF loader). Each turn is rendered by `format.render_conversation`
+with the run's own format settings, so the model reads the prompt format it was trained on: the
+chat template where training used it (what a server applying the same template sends), else
+medtune's plain template. Replies stream as they are generated. `/reset`
 forgets the conversation, `/quit` (or Ctrl-D) leaves. Greedy decoding by default, so a reply can be
 reproduced; `temperature > 0` samples.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,25 +20,28 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
+from medtune.config import PackingConfig
 from medtune.errors import RunDirError
+from medtune.format import encode_prompt as encode_rendered_prompt
+from medtune.format import render_conversation
 
 HELP = "Type a message (한국어 or English). /reset clears the conversation, /quit leaves."
 END_OF_TURN = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>")
-PLAIN_STOP = "\nUser:"
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def load_chat_model(target: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a run dir, a merged export or a GGUF export; RunDirError otherwise."""
+def load_chat_model(target: Path) -> tuple[Any, Any, PackingConfig]:
+    """(model, tokenizer, the prompt format it was trained with) from a run dir, a merged export or
+    a GGUF export; RunDirError otherwise."""
     target = Path(target)
     if (target / "train" / "run.json").is_file() or (target / "train" / "adapter").is_dir():
         return _load_run(target)
     if (target / "model.gguf").is_file():
-        return _load_exported(target, gguf_file="model.gguf")
+        return (*_load_exported(target, gguf_file="model.gguf"), _exported_format(target))
     if (target / "config.json").is_file() and list(target.glob("*.safetensors")):
-        return _load_exported(target)
+        return (*_load_exported(target), _exported_format(target))
     if (target / "adapter_config.json").is_file():
         raise RunDirError(
             f"{target}: an adapter-only export; chat with the run directory it came from, or a merged export"
@@ -47,14 +52,23 @@ def load_chat_model(target: Path) -> tuple[Any, Any]:
     )
 
 
-def _load_run(run_dir: Path) -> tuple[Any, Any]:
+def _load_run(run_dir: Path) -> tuple[Any, Any, PackingConfig]:
     from medtune.export import full_precision, read_run
     from medtune.model.load import load_model_for_inference
 
     cfg, adapter = read_run(run_dir)
     if not torch.cuda.is_available():  # bitsandbytes 4-bit on a CPU is slow at best: load plain weights
         cfg = full_precision(cfg, "float32")
-    return load_model_for_inference(cfg, adapter)
+    return (*load_model_for_inference(cfg, adapter), cfg.packing)
+
+
+def _exported_format(model_dir: Path) -> PackingConfig:
+    """The training run's format settings, recorded in `export.json`; defaults for other folders."""
+    try:
+        recorded = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))["prompt_format"]
+        return PackingConfig.model_validate(recorded)
+    except (OSError, KeyError, TypeError, ValueError):
+        return PackingConfig()
 
 
 def _load_exported(model_dir: Path, gguf_file: str | None = None) -> tuple[Any, Any]:
@@ -71,22 +85,19 @@ def _load_exported(model_dir: Path, gguf_file: str | None = None) -> tuple[Any, 
 # ----------------------------------------------------------------------------- prompting
 
 
-def build_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+def build_prompt(tokenizer: Any, messages: list[dict[str, str]], fmt: PackingConfig) -> str:
     """The conversation as the model was trained to read it, ending where the assistant speaks."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    turns = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages]
-    return "\n".join(turns) + "\nAssistant:"
+    return render_conversation(messages, tokenizer, fmt)
 
 
-def encode_prompt(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> torch.Tensor:
-    """Token ids of the prompt, dropping the oldest exchanges until it fits in `budget` tokens."""
+def encode_prompt(
+    tokenizer: Any, messages: list[dict[str, str]], fmt: PackingConfig, budget: int
+) -> torch.Tensor:
+    """Token ids of the prompt (BOS once, as in training), dropping the oldest exchanges to fit `budget`."""
     while True:
-        text = build_prompt(tokenizer, messages)
-        # A chat template writes BOS itself; adding special tokens again would double it.
-        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt").input_ids
-        if ids.shape[1] <= budget or len(messages) <= 1:
-            return ids[:, -budget:]
+        ids = encode_rendered_prompt(build_prompt(tokenizer, messages, fmt), tokenizer)
+        if len(ids) <= budget or len(messages) <= 1:
+            return torch.tensor([ids[-budget:]])
         messages[:] = messages[2:]
 
 
@@ -120,11 +131,12 @@ def generate_reply(
     max_new_tokens: int,
     output: Console,
     temperature: float = 0.0,
+    fmt: PackingConfig | None = None,
 ) -> str:
     """Stream one assistant reply to `output` and return its text."""
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
-    ids = encode_prompt(tokenizer, messages, max(limit - max_new_tokens, 16)).to(model.device)
-    plain = not getattr(tokenizer, "chat_template", None)
+    budget = max(limit - max_new_tokens, 16)
+    ids = encode_prompt(tokenizer, messages, fmt or PackingConfig(), budget).to(model.device)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": 0.95}
         if temperature > 0
@@ -138,12 +150,9 @@ def generate_reply(
         eos_token_id=stop_token_ids(model, tokenizer),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         streamer=make_streamer(tokenizer, output),
-        stop_strings=[PLAIN_STOP] if plain else None,
-        tokenizer=tokenizer if plain else None,
         **sampling,
     )
-    reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-    return reply.split(PLAIN_STOP)[0].strip() if plain else reply.strip()
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -161,7 +170,7 @@ def run_chat(
     `input_fn` and `output` are injectable so a scripted session can be tested.
     """
     output = output or Console()
-    model, tokenizer = load_chat_model(Path(target))
+    model, tokenizer, fmt = load_chat_model(Path(target))
     output.print(Text.assemble(("medtune chat", "bold"), f" — {target}\n{HELP}"))
     messages: list[dict[str, str]] = []
     turns: list[dict[str, Any]] = []
@@ -181,7 +190,7 @@ def run_chat(
         context = len(messages)
         messages.append({"role": "user", "content": line})
         output.print("model> ", end="")
-        reply = generate_reply(model, tokenizer, messages, max_new_tokens, output, temperature)
+        reply = generate_reply(model, tokenizer, messages, max_new_tokens, output, temperature, fmt)
         messages.append({"role": "assistant", "content": reply})
         turns.append({"user": line, "reply": reply, "context_messages": context})
     return turns

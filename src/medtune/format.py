@@ -106,6 +106,37 @@ def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: Packi
     return f"{user}\n\n{cue}"
 
 
+def render_conversation(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig
+) -> str:
+    """A chat (`[{role, content}]`, ending with the user) in the format training used, up to the reply.
+
+    One user message renders exactly as `render_prompt` renders an instruction record with that
+    prompt, so `medtune chat` talks to a model in the format it was trained on. Earlier exchanges go
+    through the chat template, or on the plain template as `user\n\nResponse: reply` paragraphs
+    (training never saw several turns there; this is the nearest continuation of its format).
+    """
+    if uses_chat_template(tokenizer, cfg):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    parts = []
+    for i, message in enumerate(messages):
+        if message["role"] != "user":
+            continue
+        cue = _WORDING[_message_language(message["content"], cfg)]["response_cue"]
+        reply = messages[i + 1]["content"].strip() if i + 1 < len(messages) else None
+        parts.append(f"{message['content'].strip()}\n\n{cue}" + (f" {reply}" if reply is not None else ""))
+    return "\n\n".join(parts)
+
+
+def _message_language(text: str, cfg: PackingConfig) -> str:
+    """The instruction wording for a chat message: as `prompt_language` picks it for a record."""
+    from medtune.data.langid import detect_language
+
+    if cfg.prompt_language != "auto":
+        return cfg.prompt_language
+    return "ko" if detect_language(text) == "ko" else "en"
+
+
 def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> str:
     """What closes the answer: the chat template's end-of-turn marker, else the EOS token.
 
