@@ -33,14 +33,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from medtune.config import RunConfig, dump_config, load_config
+from medtune.config import CHUNKED_CE_MIN_VOCAB, RunConfig, dump_config, load_config
 from medtune.data.prepare import run_prepare
 from medtune.errors import MedtuneError
 from medtune.manifest import read_manifest, write_json_atomic
 from medtune.offline import enforce_offline
 from medtune.pipeline import run_stage, torchrun_train, train_stage
 
-LARGE_VOCAB = 32_768  # where train.chunked_ce=auto switches on: below it full logits are cheap
 SMOKE_CELLS = ("lora-padded-gc0-r1", "lora-packed-gc0-r1", "qlora-packed-gc0-r1", "lora-packed-gc1-r1")
 RATIO_KEYS = ("peak_memory_bytes", "tokens_per_s", "step_seconds")
 
@@ -83,7 +82,7 @@ def matrix_cells(
     if kind == "smoke":
         by_name = {c.name: c for c in cells}
         return [by_name[n] for n in SMOKE_CELLS]
-    if chunked_ce_cells or (chunked_ce_cells is None and (vocab_size or 0) >= LARGE_VOCAB):
+    if chunked_ce_cells or (chunked_ce_cells is None and (vocab_size or 0) >= CHUNKED_CE_MIN_VOCAB):
         base = {
             "quantization.mode": "nf4",
             "packing.mode": "packed",

@@ -209,6 +209,11 @@ class PackingConfig(Section):
     set at once; bounds memory for huge sets at the cost of a few partly-filled rows per window."""
 
 
+CHUNKED_CE_MIN_VOCAB = 32_000
+"""`train.chunked_ce: auto` chunks the loss from this vocabulary size on (Llama 3's 128k, Gemma's 262k):
+below it full logits are cheap. The loss, the planner and the bench read this one number."""
+
+
 class TrainConfig(Section):
     epochs: float = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, ge=1)

@@ -35,13 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from medtune.config import TrainConfig
+from medtune.config import CHUNKED_CE_MIN_VOCAB, TrainConfig
 from medtune.errors import MedtuneError, ModelError
+from medtune.format import IGNORE_INDEX
 from medtune.packing import assert_isolated_forward
-
-IGNORE_INDEX = -100
-AUTO_CHUNK_MIN_VOCAB = 32_000
-"""`chunked_ce: auto` chunks from Llama-2/Mistral's 32,000-token vocabularies upward."""
 
 
 def loss_sum(model: nn.Module, batch: Mapping[str, Any], train_cfg: TrainConfig) -> tuple[torch.Tensor, int]:
@@ -99,7 +96,7 @@ def token_nll(model: nn.Module, batch: Mapping[str, Any], chunk_size: int = 256)
 def resolve_ce_mode(mode: str, vocab_size: int) -> str:
     """`auto` becomes `on` for vocabularies of 32k tokens or more, else `off`; other modes pass through."""
     if mode == "auto":
-        return "on" if vocab_size >= AUTO_CHUNK_MIN_VOCAB else "off"
+        return "on" if vocab_size >= CHUNKED_CE_MIN_VOCAB else "off"
     return mode
 
 

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medtune.config import CHUNKED_CE_MIN_VOCAB
 from medtune.errors import ModelError
 
 GIB = 1024**3
@@ -500,7 +501,7 @@ def options_from_run_config(cfg: Any, gpus: int, seq_len: int | None) -> PlanOpt
     chunked = {"on": True, "liger": True, "cce": True, "off": False}.get(cfg.train.chunked_ce)
     model_cfg = read_config_json(Path(cfg.model.path))
     if chunked is None:  # auto: chunk when the vocabulary is large (as the trainer decides)
-        chunked = model_shape(model_cfg).vocab >= 32_000
+        chunked = model_shape(model_cfg).vocab >= CHUNKED_CE_MIN_VOCAB
     return PlanOptions(
         quant=cfg.quantization.mode,
         double_quant=cfg.quantization.double_quant,

@@ -452,9 +452,3 @@ def load_prepared_dataset(prepare_dir: Path, split: str) -> Any:
     return datasets.load_dataset(
         "json", data_files=str(path), split="train", cache_dir=str(Path(prepare_dir) / ".datasets_cache")
     )
-
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid: python -m medtune.data.prepare cfg.yaml out/
-    from medtune.config import load_config
-
-    print(json.dumps(run_prepare(load_config(sys.argv[1]), Path(sys.argv[2]))["totals"], indent=2))

@@ -535,9 +535,3 @@ def score_items(
         if handle is not None:
             handle.close()
     return results
-
-
-def read_predictions(path: Path) -> list[dict]:
-    """Per-item results from a predictions.jsonl."""
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
