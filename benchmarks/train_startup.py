@@ -36,6 +36,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_startup.json"
 MODELS = Path(os.environ.get("MEDTUNE_MODELS_DIR", REPO / "models"))
@@ -47,22 +49,66 @@ SOURCES = [
 ]
 
 
-def write_prepared(folder: Path, n: int) -> None:
-    """train.jsonl with n records (the bundled ones, cycled, ids made unique) and its manifest."""
+def bundled_records() -> list[dict]:
+    """The bundled records, normalised as `prepare` writes them."""
     from medtune.config import SourceConfig
-    from medtune.data.manifest import output_hashes, write_json
     from medtune.data.read import iter_source
 
     records = []
     for path, fmt, split in SOURCES:
         src = SourceConfig(path=REPO / "examples" / "data" / path, format=fmt, split=split)
         records += [r for r in iter_source(src, "train") if isinstance(r, dict)]
+    return records
+
+
+def write_prepared(folder: Path, n: int) -> None:
+    """train.jsonl with n records (the bundled ones, cycled, ids made unique) and its manifest."""
+    from medtune.data.manifest import output_hashes, write_json
+
+    records = bundled_records()
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "train.jsonl").open("w", encoding="utf-8") as f:
         for i in range(n):
             rec = dict(records[i % len(records)], id=f"{records[i % len(records)]['id']}#{i}")
             f.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
     write_json(folder / "manifest.json", {"files": output_hashes(folder, ["train.jsonl"])})
+
+
+def bench_config(prepare: Path, model: Path) -> Any:
+    """Default settings (template auto, 1024-token rows); a source is required, the data is prepare's."""
+    from medtune.config import validate_config
+
+    train = [{"path": str(prepare / "train.jsonl")}]
+    return validate_config({"model": {"path": str(model)}, "data": {"train": train}})
+
+
+def tile_store(prepare: Path, model: Path, n: int) -> None:
+    """The store a build over `prepare` would write, made by repeating the distinct records' store.
+
+    Record i is bundled record i % m with another id, and ids do not reach the tokens, so repeating
+    the m distinct examples' ids gives the same bytes as tokenising all n (hours at 1M on 2 cores).
+    """
+    from medtune.data.token_store import (
+        ensure_token_store,
+        open_token_store,
+        store_inputs,
+        store_path,
+        write_token_store,
+    )
+
+    distinct = prepare.parent / "distinct"
+    m = len(bundled_records())
+    write_prepared(distinct, m)
+    cfg = bench_config(distinct, model)
+    small, _ = ensure_token_store(
+        distinct, cfg.model, cfg.packing, store_inputs(distinct, cfg.model, cfg.packing)
+    )
+    store = open_token_store(small)
+    whole = (np.asarray(store.ids), store.lengths, np.asarray(store.prompt_tokens))
+    rest = n % m
+    tail = (store.ids[: store.offsets[rest]], store.lengths[:rest], store.prompt_tokens[:rest])
+    inputs = store_inputs(prepare, cfg.model, cfg.packing)
+    write_token_store(store_path(prepare, inputs), inputs, [*([whole] * (n // m)), tail])
 
 
 def rss_bytes() -> int:
@@ -78,7 +124,6 @@ def cpu_seconds() -> float:
 
 def measure(step: str, prepare: Path, model: Path, limit: int | None) -> dict[str, Any]:
     """One step in this process: wall s, CPU s, data RSS growth, examples, and the row plan's time."""
-    from medtune.config import validate_config
     from medtune.data.prepare import read_prepared
     from medtune.distributed import init_distributed
     from medtune.format import tokenize_example
@@ -86,8 +131,7 @@ def measure(step: str, prepare: Path, model: Path, limit: int | None) -> dict[st
     from medtune.packing import build_rows
     from medtune.train import _tokenized_examples
 
-    train = [{"path": str(prepare / "train.jsonl")}]  # required by the config; the data is prepare's
-    cfg = validate_config({"model": {"path": str(model)}, "data": {"train": train}})
+    cfg = bench_config(prepare, model)
     tokenizer = load_tokenizer(cfg.model) if step == "today" else None
     rss0, wall0, cpu0 = rss_bytes(), time.perf_counter(), cpu_seconds()
     if step == "today":
@@ -137,20 +181,26 @@ def report(n: int, today_n: int, rows: dict[str, dict[str, Any]], disk: int, mod
     today = dict(rows["today"])
     for key in ("wall_s", "cpu_s", "data_rss_bytes", "tokens"):
         today[key] *= scale
+    if scale != 1:  # the row plan is not linear in N, and is the same on both paths anyway
+        today["row_plan_s"] = None
     rows = {**rows, "today": today}
     tokens = rows["start"]["tokens"]
     print(f"train start-up: {n:,} records, {tokens:,} tokens, tokenizer {model.name} | {machine()}")
-    note = f" (measured on {today_n:,}, scaled)" if scale != 1 else ""
-    print(f"{'step':<34} {'wall s':>8} {'CPU s':>8} {'data RSS MB':>12} {'row plan s':>11}")
-    for name, label in (
-        ("today", f"today: tokenise into lists{note}"),
-        ("build", "store: build"),
-        ("start", "store: start from it"),
-    ):
+    note = f" ({today_n:,}, scaled)" if scale != 1 else ""
+    print(f"{'step':<46} {'wall s':>8} {'CPU s':>8} {'data RSS MB':>12} {'row plan s':>11}")
+    labels = {
+        "today": f"today: tokenise into lists{note}",
+        "build": "store: build",
+        "start": "store: start from it" + ("" if "build" in rows else " (made by --tile)"),
+    }
+    for name, label in labels.items():
+        if name not in rows:
+            continue
         r = rows[name]
+        plan = "-" if r["row_plan_s"] is None else f"{r['row_plan_s']:.1f}"
         print(
-            f"{label:<34} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
-            f"{r['data_rss_bytes'] / 2**20:>12.1f} {r['row_plan_s']:>11.1f}"
+            f"{label:<46} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} "
+            f"{r['data_rss_bytes'] / 2**20:>12.1f} {plan:>11}"
         )
     ratio = rows["start"]["data_rss_bytes"] / today["data_rss_bytes"]
     print(
@@ -175,6 +225,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=100_000)
     ap.add_argument("--today-records", type=int, default=None, help="records for today's path (default: all)")
     ap.add_argument("--model", type=Path, default=MODELS / "gemma3-270m")
+    ap.add_argument("--tile", action="store_true", help="make the store by repetition; time only the start")
     ap.add_argument("--measure", choices=["today", "build", "start"], help=argparse.SUPPRESS)
     ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)
@@ -186,7 +237,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
         prepare = Path(tmp) / "prepare"
         write_prepared(prepare, args.records)
-        rows = {step: run_step(step, prepare, args.model, today_n) for step in ("build", "start")}
+        if args.tile:
+            tile_store(prepare, args.model, args.records)
+        steps = ("start",) if args.tile else ("build", "start")
+        rows = {step: run_step(step, prepare, args.model, today_n) for step in steps}
         rows["today"] = run_step("today", prepare, args.model, today_n)
         result = report(args.records, today_n, rows, store_bytes(prepare), args.model)
     suffix = "" if args.records == 100_000 else f"_{args.records}"

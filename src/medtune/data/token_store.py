@@ -33,7 +33,7 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,10 @@ def ensure_token_store(
     return path, True
 
 
+Part = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""A run of consecutive examples: (their ids back to back, their lengths, their prompt_tokens)."""
+
+
 def build_token_store(
     prepare_dir: Path,
     model: ModelConfig,
@@ -213,23 +217,34 @@ def build_token_store(
     path: Path,
     workers: int | None = None,
 ) -> None:
-    """Tokenise train.jsonl into `path` (temp folder + rename), in parallel over contiguous chunks."""
+    """Tokenise train.jsonl into `path`, in parallel over contiguous chunks, with a progress bar."""
     train = prepare_dir / "train.jsonl"
     chunks = _chunks(train)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if train.stat().st_size >= _PARALLEL_FROM_BYTES else 1
     workers = max(1, min(workers, len(chunks)))
+    with progress_bar("tokenise", len(chunks)) as advance:
+
+        def parts() -> Iterator[Part]:
+            for part in _tokenised_chunks(train, chunks, model, packing, workers):
+                yield part
+                advance()
+
+        write_token_store(path, inputs, parts())
+
+
+def write_token_store(path: Path, inputs: dict[str, Any], parts: Iterable[Part]) -> None:
+    """Write the store from its parts in order, into a temp folder renamed to `path` when complete."""
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     lengths: list[np.ndarray] = []
     prompts: list[np.ndarray] = []
-    with (tmp / "ids.bin").open("wb") as out, progress_bar("tokenise", len(chunks)) as advance:
-        for ids, lens, prompt in _tokenised_chunks(train, chunks, model, packing, workers):
+    with (tmp / "ids.bin").open("wb") as out:
+        for ids, lens, prompt in parts:
             out.write(ids.astype("<i4", copy=False).tobytes())
             lengths.append(lens)
             prompts.append(prompt)
-            advance()
     lens_all = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lens_all)]).astype("<i8"))
     np.save(tmp / "prompt_tokens.npy", np.concatenate(prompts or [np.zeros(0)]).astype("<i4"))
@@ -237,8 +252,10 @@ def build_token_store(
     write_json(tmp / "meta.json", {"inputs": inputs, **counts})
     try:
         tmp.rename(path)
-    except OSError:  # another process finished the same store first: identical bytes, keep theirs
-        shutil.rmtree(tmp)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process finished the same store first: same bytes, keep theirs
 
 
 def _chunks(train: Path) -> list[tuple[int, int]]:
@@ -259,7 +276,7 @@ def _chunks(train: Path) -> list[tuple[int, int]]:
 
 def _tokenised_chunks(
     train: Path, chunks: list[tuple[int, int]], model: ModelConfig, packing: PackingConfig, workers: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+) -> Iterator[Part]:
     """Each chunk's (ids, lengths, prompt_tokens), in file order."""
     jobs = [(str(train), a, b) for a, b in chunks]
     if workers == 1:
@@ -284,7 +301,7 @@ def _load_worker(model: ModelConfig, packing: PackingConfig) -> None:
     _WORKER["packing"] = packing.model_copy(update={"train_on_prompt": False})
 
 
-def _tokenise_chunk(job: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _tokenise_chunk(job: tuple[str, int, int]) -> Part:
     from medtune.format import tokenize_example
 
     path, start, end = job
