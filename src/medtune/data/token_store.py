@@ -19,11 +19,15 @@ The key hashes everything the ids depend on: the tokenizer files, the packing se
 the rendered text (template, prompt_language, include_explanation), train.jsonl's sha256, the
 source of `medtune/format.py` and the tokenizer library versions. `max_seq_len` and `overlong` act
 at collation, not here. A store is built in a temporary folder and renamed into place, so a
-half-written store is never read; building twice gives the same bytes.
+half-written store is never read; building twice gives the same bytes. A store for other inputs is
+left in place (another config, e.g. a sweep over templates, may still use it): delete
+prepare/tokens/ to reclaim the space.
 
 Multi-node rule: global rank 0 builds and the other ranks wait at a barrier, so the prepare folder
-must be on storage every node sees, or the store must be built on each node beforehand
-(`build_token_store`, e.g. by running `train` once on one process per node).
+must be on storage every node sees, or the store must be built on each node beforehand (one
+process calling `ensure_token_store`). The barrier is bounded by the process group's timeout
+(torch's default for NCCL: 10 minutes), so a set that takes longer to tokenise on rank 0's cores
+should also be built beforehand.
 """
 
 from __future__ import annotations
