@@ -24,6 +24,7 @@ from medtune.data.token_store import (
     train_sha256,
     training_examples,
 )
+from medtune.errors import ModelError
 from medtune.format import IGNORE_INDEX, tokenize_example
 from medtune.model.load import load_tokenizer
 from medtune.packing import build_rows, collate
@@ -218,3 +219,17 @@ def test_a_resumed_run_reuses_the_store(
     assert f"reusing token store {store}" in again and "building" not in again
     assert (store / "ids.bin").stat().st_mtime_ns == stamp
     assert [r["loss"] for r in metrics(cfg.output.dir)] == losses
+
+
+def test_a_worker_that_cannot_load_the_tokenizer_fails_the_build(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error, not a hang: multiprocessing restarts a pool initializer that raises, forever."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model_dir)
+    (model_dir / "tokenizer.json").write_text("{not json")
+    monkeypatch.setattr(token_store, "_CHUNK_BYTES", 16 << 10)
+    prepare = write_prepared(tmp_path / "prepare", [{"id": str(i)} for i in range(4000)])
+    with pytest.raises(ModelError, match="cannot load the tokenizer"):
+        build(prepare, model_dir, PackingConfig(), workers=2)
+    assert not list((prepare / "tokens").iterdir())  # no store, no temp folder

@@ -47,7 +47,8 @@ import numpy as np
 from medtune.config import ModelConfig, PackingConfig
 from medtune.data.manifest import MANIFEST_NAME, sha256_file, write_json
 from medtune.errors import DataError
-from medtune.format import IGNORE_INDEX, Example, shifted_labels
+from medtune.format import IGNORE_INDEX, Example, shifted_labels, tokenize_example
+from medtune.model.load import load_tokenizer
 from medtune.progress import progress_bar
 
 STORE_LAYOUT = 1
@@ -242,6 +243,20 @@ def write_token_store(path: Path, inputs: dict[str, Any], parts: Iterable[Part])
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_parts(tmp, inputs, parts)
+    except BaseException:  # a failed or interrupted build leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp)  # another process finished the same store first: same bytes, keep theirs
+
+
+def _write_parts(tmp: Path, inputs: dict[str, Any], parts: Iterable[Part]) -> None:
     lengths: list[np.ndarray] = []
     prompts: list[np.ndarray] = []
     with (tmp / "ids.bin").open("wb") as out:
@@ -253,13 +268,7 @@ def write_token_store(path: Path, inputs: dict[str, Any], parts: Iterable[Part])
     np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lens_all)]).astype("<i8"))
     np.save(tmp / "prompt_tokens.npy", np.concatenate(prompts or [np.zeros(0)]).astype("<i4"))
     counts = {"examples": len(lens_all), "tokens": int(lens_all.sum())}
-    write_json(tmp / "meta.json", {"inputs": inputs, **counts})
-    try:
-        tmp.rename(path)
-    except OSError:
-        if not (path / "meta.json").is_file():
-            raise
-        shutil.rmtree(tmp)  # another process finished the same store first: same bytes, keep theirs
+    write_json(tmp / "meta.json", {"inputs": inputs, **counts})  # last: its presence marks a store
 
 
 def _chunks(train: Path) -> list[tuple[int, int]]:
@@ -282,33 +291,33 @@ def _tokenised_chunks(
     train: Path, chunks: list[tuple[int, int]], model: ModelConfig, packing: PackingConfig, workers: int
 ) -> Iterator[Part]:
     """Each chunk's (ids, lengths, prompt_tokens), in file order."""
-    jobs = [(str(train), a, b) for a, b in chunks]
+    # train_on_prompt off: the first trained position is then the prompt length (module docstring).
+    packing = packing.model_copy(update={"train_on_prompt": False})
     if workers == 1:
-        _load_worker(model, packing)
-        yield from map(_tokenise_chunk, jobs)
+        tokenizer = load_tokenizer(model)  # local: the trainer must not keep it after the build
+        yield from (_tokenise_chunk(tokenizer, packing, train, a, b) for a, b in chunks)
         return
     # spawn, not fork: the trainer may already hold CUDA and tokenizer threads, which fork breaks.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_load_worker, initargs=(model, packing)) as pool:
-        yield from pool.imap(_tokenise_chunk, jobs)
+    # No pool initializer loads the tokenizer: one that raises is restarted forever (a hang), while
+    # an error inside a job reaches this process.
+    jobs = [(model, packing, train, a, b) for a, b in chunks]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(_worker_chunk, jobs)
 
 
-_WORKER: dict[str, Any] = {}
+_WORKER_TOKENIZER: dict[Path, Any] = {}
+"""In a pool worker, the tokenizer, loaded by the worker's first chunk."""
 
 
-def _load_worker(model: ModelConfig, packing: PackingConfig) -> None:
-    """Each process loads the tokenizer once. Labels are made with train_on_prompt off so the first
-    trained position is the prompt length (see the module docstring)."""
-    from medtune.model.load import load_tokenizer
-
-    _WORKER["tokenizer"] = load_tokenizer(model)
-    _WORKER["packing"] = packing.model_copy(update={"train_on_prompt": False})
+def _worker_chunk(job: tuple[ModelConfig, PackingConfig, Path, int, int]) -> Part:
+    model, packing, path, start, end = job
+    if model.path not in _WORKER_TOKENIZER:
+        _WORKER_TOKENIZER[model.path] = load_tokenizer(model)
+    return _tokenise_chunk(_WORKER_TOKENIZER[model.path], packing, path, start, end)
 
 
-def _tokenise_chunk(job: tuple[str, int, int]) -> Part:
-    from medtune.format import tokenize_example
-
-    path, start, end = job
+def _tokenise_chunk(tokenizer: Any, packing: PackingConfig, path: Path, start: int, end: int) -> Part:
+    """Bytes [start, end) of train.jsonl, one record a line, as a Part."""
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(end - start)
@@ -323,7 +332,7 @@ def _tokenise_chunk(job: tuple[str, int, int]) -> Part:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: the line ending at byte {at - 1} is not JSON: {exc}") from None
-        example = tokenize_example(record, _WORKER["tokenizer"], _WORKER["packing"])
+        example = tokenize_example(record, tokenizer, packing)
         ids += example["input_ids"]
         lengths.append(len(example["input_ids"]))
         prompts.append(_first_trained(example))
