@@ -23,19 +23,26 @@ from torch import nn
 
 from medtune import checkpoint as ckpt
 from medtune.config import RunConfig
-from medtune.data.prepare import read_prepared
+from medtune.data.token_store import (
+    StoredExamples,
+    ensure_token_store,
+    open_token_store,
+    store_inputs,
+    store_path,
+    training_examples,
+)
 from medtune.distributed import (
     DistInfo,
     all_reduce_sum,
+    barrier,
     gather_ints,
     init_distributed,
     shard_with_fsdp2,
     shutdown_distributed,
 )
 from medtune.errors import MedtuneError, RunDirError
-from medtune.format import tokenize_example
 from medtune.loss import loss_sum
-from medtune.model.load import compute_dtype, load_model_for_training, load_tokenizer
+from medtune.model.load import compute_dtype, load_model_for_training
 from medtune.packing import build_rows, collate, packing_stats
 from medtune.progress import progress_bar
 
@@ -75,9 +82,8 @@ def _train(
     cfg: RunConfig, prepare_dir: Path, out_dir: Path, resume: bool, force: bool, info: DistInfo
 ) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
-    tokenizer = load_tokenizer(cfg.model)
-    examples, without_target = _tokenized_examples(cfg, prepare_dir, tokenizer)
-    lengths = [len(e["input_ids"]) for e in examples]
+    examples, without_target = _tokenized_examples(cfg, prepare_dir, info)
+    lengths = examples.lengths()
 
     model = load_model_for_training(cfg, fsdp=info.distributed, device=info.device)
     module: nn.Module = CausalLMLoss(model, cfg)
@@ -204,7 +210,7 @@ def _optimizer_step(
     cfg: RunConfig,
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
-    examples: list[dict[str, list[int]]],
+    examples: StoredExamples,
     window: list[list[int]],
     info: DistInfo,
 ) -> tuple[float, int, int, int, float]:
@@ -256,19 +262,31 @@ def _optimizer_step(
     return loss, total_targets, int(counts[0]), int(counts[1]), grad_norm
 
 
-def _tokenized_examples(
-    cfg: RunConfig, prepare_dir: Path, tokenizer: Any
-) -> tuple[list[dict[str, list[int]]], int]:
+def _tokenized_examples(cfg: RunConfig, prepare_dir: Path, info: DistInfo) -> tuple[StoredExamples, int]:
     """Tokenised training examples, and how many were left out because they have no target token
-    (e.g. an empty response): they would cost compute and teach nothing. The count is reported."""
+    (e.g. an empty response): they would cost compute and teach nothing. The count is reported.
+
+    They come from the token store next to train.jsonl (`data/token_store.py`): global rank 0 builds
+    it when missing or stale, the other ranks wait at the barrier, then every rank maps it read-only.
+    A node that does not see rank 0's prepare folder (no shared storage) builds its own copy on its
+    local rank 0; the store is deterministic, so every copy holds the same bytes.
+    """
     train_file = prepare_dir / "train.jsonl"
     if not train_file.is_file():
         raise RunDirError(f"{train_file} not found: run `medtune prepare` first")
-    tokenized = [tokenize_example(r, tokenizer, cfg.packing) for r in read_prepared(prepare_dir, "train")]
-    examples = [e for e in tokenized if any(label != -100 for label in e["labels"])]
-    if not examples:
+    inputs = store_inputs(prepare_dir, cfg.model, cfg.packing)
+    path = store_path(prepare_dir, inputs)
+    if info.is_main:
+        ensure_token_store(prepare_dir, cfg.model, cfg.packing, inputs)
+    barrier(info)
+    if info.local_rank == 0 and not path.is_dir():  # built into a temp folder and renamed: whole or absent
+        ensure_token_store(prepare_dir, cfg.model, cfg.packing, inputs)
+    barrier(info)
+    store = open_token_store(path)
+    examples, without_target = training_examples(store, cfg.packing.train_on_prompt)
+    if not len(examples):
         raise RunDirError(f"{train_file} holds no training examples with a target to learn")
-    return examples, len(tokenized) - len(examples)
+    return examples, without_target
 
 
 def _optimizer(cfg: RunConfig, params: list[nn.Parameter], info: DistInfo) -> torch.optim.Optimizer:
