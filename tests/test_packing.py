@@ -21,7 +21,6 @@ from medtune.packing import (
     build_rows,
     collate,
     forward_kwargs,
-    iter_rows,
     pack_best_fit_decreasing,
     packed_forward,
     packing_stats,
@@ -104,25 +103,6 @@ def test_packing_is_efficient_on_many_short_examples():
     stats = packing_stats(build_rows(lengths, cfg, 0, 0), lengths, cfg)
     assert stats["efficiency"] > 0.99
     assert math.ceil(sum(lengths) / 1024) <= stats["rows"] <= 1.01 * sum(lengths) / 1024 + 1
-
-
-@settings(max_examples=60, deadline=None)
-@given(lengths=st.lists(st.integers(1, 100), max_size=100), window=st.integers(1, 40))
-def test_iter_rows_streams_every_example_once(lengths, window):
-    cfg = PackingConfig(max_seq_len=64, stream_window=window)
-    rows = list(iter_rows(iter(lengths), cfg, 3, 1))
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(min(lengths[i], 64) for i in row) <= 64 for row in rows)
-    assert rows == list(iter_rows(iter(lengths), cfg, 3, 1))
-
-
-def test_window_costs_little_efficiency():
-    lengths = [(i * 7919) % 300 + 10 for i in range(2000)]
-    whole = PackingConfig(max_seq_len=512)
-    windowed = PackingConfig(max_seq_len=512, stream_window=500)
-    eff_whole = packing_stats(build_rows(lengths, whole, 0, 0), lengths, whole)["efficiency"]
-    eff_win = packing_stats(list(iter_rows(lengths, windowed, 0, 0)), lengths, windowed)["efficiency"]
-    assert eff_whole >= eff_win > 0.97
 
 
 # ---------------------------------------------------------------------------------------------- collate

@@ -204,9 +204,6 @@ class PackingConfig(Section):
     """auto: the tokenizer's chat template when it has one, else medtune's plain template."""
     prompt_language: Literal["auto", "ko", "en"] = "auto"
     """Wording of the instruction: by each record's language (auto) or fixed."""
-    stream_window: int | None = Field(default=None, ge=1)
-    """Packed mode: pack this many examples at a time (`packing.iter_rows`) instead of the whole
-    set at once; bounds memory for huge sets at the cost of a few partly-filled rows per window."""
 
 
 CHUNKED_CE_MIN_VOCAB = 32_000

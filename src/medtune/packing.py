@@ -20,7 +20,7 @@ the one place the packed forward call is built; `assert_isolated_forward` refuse
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
@@ -147,42 +147,6 @@ def build_rows(lengths: Sequence[int], cfg: PackingConfig, seed: int, epoch: int
     if cfg.mode == "padded":
         return [[i] for i in indices]
     rows = _pack_subset(indices, lengths, cfg)
-    return [rows[int(j)] for j in rng.permutation(len(rows))]
-
-
-def iter_rows(lengths: Iterable[int], cfg: PackingConfig, seed: int, epoch: int) -> Iterator[list[int]]:
-    """Rows for one epoch, packing `cfg.stream_window` examples at a time from a stream of lengths.
-
-    Trade-off: memory holds one window, not the dataset, but each window ends with a few partly
-    filled rows and shuffling is only within a window, so efficiency and randomness are a little
-    lower than `build_rows` (equal when the window covers the whole set). Without a window this is
-    `build_rows` over the whole stream.
-    """
-    window = cfg.stream_window
-    if window is None:
-        yield from build_rows(list(lengths), cfg, seed, epoch)
-        return
-    rng = _rng(seed, epoch)
-    buffer: dict[int, int] = {}
-    for i, n in enumerate(lengths):
-        buffer[i] = n
-        if len(buffer) == window:
-            yield from _window_rows(buffer, cfg, rng)
-            buffer = {}
-    if buffer:
-        yield from _window_rows(buffer, cfg, rng)
-
-
-def _window_rows(buffer: dict[int, int], cfg: PackingConfig, rng: np.random.Generator) -> list[list[int]]:
-    """Shuffle, pack and shuffle one window; indices stay global."""
-    keys = list(buffer)
-    local = [buffer[k] for k in keys]
-    order = [keys[int(j)] for j in rng.permutation(eligible(local, cfg))]
-    lengths = {k: buffer[k] for k in order}
-    if cfg.mode == "padded":
-        return [[k] for k in order]
-    capped = [min(lengths[k], cfg.max_seq_len) for k in order]
-    rows = [[order[j] for j in row] for row in pack_best_fit_decreasing(capped, cfg.max_seq_len)]
     return [rows[int(j)] for j in rng.permutation(len(rows))]
 
 

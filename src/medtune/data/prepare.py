@@ -440,15 +440,3 @@ def read_prepared(prepare_dir: Path, split: str) -> Iterator[Record]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
-
-
-def load_prepared_dataset(prepare_dir: Path, split: str) -> Any:
-    """The same records as a `datasets.Dataset` (Arrow, memory-mapped: a million rows stream)."""
-    import datasets
-
-    path = Path(prepare_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise RunDirError(f"{path}: not found; run `medtune prepare` first")
-    return datasets.load_dataset(
-        "json", data_files=str(path), split="train", cache_dir=str(Path(prepare_dir) / ".datasets_cache")
-    )
