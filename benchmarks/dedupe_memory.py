@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_name
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "dedupe_memory.json"
@@ -95,18 +95,6 @@ def run_case(name: str, mb: float) -> dict:
     seconds = time.perf_counter() - start
     peak = status_mb("VmHWM")
     return {"field_chars": len(text), "rss_before_mb": before, "peak_rss_mb": peak, "seconds": seconds}
-
-
-def cpu_name() -> str:
-    """The CPU model and core count, from /proc/cpuinfo where there is one."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores (CPU)"
 
 
 def main() -> None:

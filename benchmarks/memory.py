@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import resource
 import tempfile
 import time
@@ -42,6 +40,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from _common import cpu_name
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
@@ -419,18 +418,6 @@ def main() -> None:
         )
     )
     print(f"machine: {machine}; wrote {RESULTS}")
-
-
-def cpu_name() -> str:
-    """The CPU model and core count, from /proc/cpuinfo where there is one."""
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    return f"{name}, {os.cpu_count()} cores (CPU)"
 
 
 def print_table(rows: list[dict]) -> None:
