@@ -1,11 +1,23 @@
 """Is medtune's training loop faster than TRL's SFTTrainer on the same job? Tokens/s and peak RSS.
 
-Both sides train the same model on the same text with the same settings, one after the other in
-this run, each in a fresh subprocess so its peak RSS (`ru_maxrss`) is its own:
+Both sides train the same model on the same text, each in a fresh subprocess so its peak RSS
+(`ru_maxrss`) is its own, at two settings in one run, the side that goes first swapping from one
+setting to the next (medtune, TRL at `best`; TRL, medtune at `equal`), so drifting load on a shared
+machine favours neither:
 
-  QLoRA NF4 (double quant), LoRA r=16 alpha=32 dropout 0.05 on all linear layers, best-fit-decreasing
-  packing into 512-token rows, micro-batch 4 rows, grad accum 1, gradient checkpointing (non-reentrant),
-  fp32 compute on CPU, AdamW lr 2e-4 cosine, no warm-up, max grad norm 1.0, nothing saved while timing.
+  common: QLoRA NF4 (double quant), LoRA r=16 alpha=32 dropout 0.05 on all linear layers,
+  best-fit-decreasing packing into 512-token rows, micro-batch 4 rows, grad accum 1, gradient
+  checkpointing (non-reentrant), AdamW lr 2e-4 cosine, no warm-up, max grad norm 1.0, nothing saved
+  while timing.
+  best:  each side at its best on this CPU. bf16 compute where the chip multiplies bf16 natively
+         (amx_bf16 / avx512_bf16: medtune's `model.dtype: auto`; TRL's default `bf16=True` with the
+         model and the 4-bit compute dtype in bf16), fp32 elsewhere. TRL 1.16's current defaults
+         otherwise: bfd packing, which is always padding-free (one flattened row per batch), and
+         loss_type "nll", a fused LM head that computes log-probs in chunks without full logits.
+         medtune: packed rows and its chunked cross-entropy (`train.chunked_ce: auto`). Liger and
+         Cut Cross-Entropy are Triton kernels for GPUs: the run records whether they are installed
+         and usable; on a CPU neither side can use them.
+  equal: both sides in fp32, otherwise as above.
 
 Data: the quick-start's prepared training set (`medtune prepare examples/quickstart.yaml` with the
 chosen model), rendered for TRL with medtune's own `render_prompt` / `render_target` + end-of-turn
@@ -18,7 +30,8 @@ Throughput counts real (non-padding) tokens over the steps after the first `--wa
        tokens (TRL's bfd packing is padding-free: one flattened row, no pad tokens).
 medtune's final checkpoint + adapter save happens after its timed steps and is not timed.
 
-    python benchmarks/train_throughput.py [--model DIR] [--steps 8] [--warmup 2] [--profile]
+    python benchmarks/train_throughput.py [--model DIR] [--steps 4] [--warmup 1]
+        [--settings best,equal] [--profile]
 
 `--profile` adds torch.profiler over one steady-state step on each side (slower; timings then
 include profiler overhead) and writes the top operators by self CPU time into the JSON.
@@ -129,27 +142,32 @@ def child_medtune(
     cfg = medtune_config(model_dir, work, steps, "auto" if setting == "best" else "float32")
     compute_dtype, dtype_reason = resolve_compute_dtype(cfg.model, torch.device("cpu"))
     profiled: list[Any] = []
-    if profile_step is not None:  # wrap one optimiser step in torch.profiler, the rest untouched
-        import torch.profiler as tp
+    cpu_seconds: list[float] = []
+    original, calls = train_mod._optimizer_step, [0]
 
-        original, calls = train_mod._optimizer_step, [0]
+    def wrapped(*args: Any, **kwargs: Any):
+        """Process CPU time of each optimiser step; torch.profiler around step `profile_step`."""
+        calls[0] += 1
+        cpu_start = time.process_time()
+        if calls[0] != profile_step:
+            out = original(*args, **kwargs)
+        else:
+            import torch.profiler as tp
 
-        def wrapped(*args: Any, **kwargs: Any):
-            calls[0] += 1
-            if calls[0] != profile_step:
-                return original(*args, **kwargs)
             with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
                 out = original(*args, **kwargs)
             profiled.append(prof)
-            return out
+        cpu_seconds.append(time.process_time() - cpu_start)
+        return out
 
-        train_mod._optimizer_step = wrapped
+    train_mod._optimizer_step = wrapped
     started = time.perf_counter()
     summary = run_train(cfg, prepared, work / "train")
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines() if line]
     return {
         "step_seconds": [r["step_seconds"] for r in rows],
+        "cpu_seconds": cpu_seconds,
         "real_tokens": [r["real_tokens"] for r in rows],
         "target_tokens": [r["target_tokens"] for r in rows],
         "losses": [r["loss"] for r in rows],
@@ -273,6 +291,7 @@ def child_trl(
     wall = time.perf_counter() - started
     return {
         "step_seconds": timer.seconds,
+        "cpu_seconds": timer.cpu_seconds,
         "real_tokens": timer.real,
         "target_tokens": timer.targets,
         "losses": timer.losses,
@@ -300,6 +319,7 @@ def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: in
 
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
             self.real: list[int] = []
             self.targets: list[int] = []
             self.losses: list[float] = []
@@ -310,10 +330,11 @@ def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: in
             if profile_step is not None and state.global_step + 1 == profile_step:
                 self._prof = tp.profile(activities=[tp.ProfilerActivity.CPU])
                 self._prof.__enter__()
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._start)
+            self.cpu_seconds.append(time.process_time() - self._cpu_start)
             if self._prof is not None:
                 self._prof.__exit__(None, None, None)
                 self.profiled.append(self._prof)
@@ -360,6 +381,7 @@ def steady_state(runs: list[dict], warmup: int) -> dict:
     """Tokens/s over the steps after the first `warmup` of each run (sum of tokens / sum of seconds),
     and the best single step's tokens/s (the least disturbed by other load on a shared machine)."""
     secs = [x for r in runs for x in r["step_seconds"][warmup:]]
+    cpu = [x for r in runs for x in r.get("cpu_seconds", [])[warmup:]]
     real = [x for r in runs for x in r["real_tokens"][warmup:]]
     if not secs:
         raise SystemExit(f"--steps must exceed --warmup ({warmup}) to leave steps to time")
@@ -371,6 +393,7 @@ def steady_state(runs: list[dict], warmup: int) -> dict:
         "tokens_per_s": sum(real) / sum(secs),
         "best_step_tokens_per_s": max(n / t for n, t in zip(real, secs, strict=True)),
         "mean_step_s": sum(secs) / len(secs),
+        "tokens_per_cpu_s": sum(real) / sum(cpu) if cpu else None,
         "first_loss": runs[0]["losses"][0] if runs[0]["losses"] else None,
         "final_loss": runs[0]["losses"][-1] if runs[0]["losses"] else None,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
@@ -454,6 +477,7 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
         "seconds",
         "tokens/s",
         "best step tok/s",
+        "tok/CPU-s",
         "s/step",
         "peak RSS GB",
         "loss 1st->last",
@@ -470,6 +494,7 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
             f"{s['seconds_timed']:.1f}",
             f"{s['tokens_per_s']:.1f}",
             f"{s['best_step_tokens_per_s']:.1f}",
+            f"{s['tokens_per_cpu_s']:.1f}" if s["tokens_per_cpu_s"] else "-",
             f"{s['mean_step_s']:.1f}",
             f"{s['peak_rss_bytes'] / 1e9:.2f}",
             f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}",
@@ -511,14 +536,21 @@ def compare(raw: list[dict], setting: str, warmup: int) -> dict:
     """Both sides' steady state at one setting and medtune / TRL ratios."""
     sides = {}
     for name in ("medtune", "trl"):
-        runs = [r for r in raw if r["side"] == name and r["setting"] == setting]
-        sides[name] = {**steady_state(runs, warmup), "compute_dtype": runs[0]["compute_dtype"]}
+        if runs := [r for r in raw if r["side"] == name and r["setting"] == setting]:
+            sides[name] = {**steady_state(runs, warmup), "compute_dtype": runs[0]["compute_dtype"]}
+    if len(sides) < 2:  # one side only (--order medtune, e.g. to profile it): nothing to compare
+        return {"sides": sides}
     m, t = sides["medtune"], sides["trl"]
     return {
         "sides": sides,
         "medtune_over_trl_tokens_per_s": m["tokens_per_s"] / t["tokens_per_s"],
         "medtune_over_trl_best_step_tokens_per_s": m["best_step_tokens_per_s"] / t["best_step_tokens_per_s"],
         "medtune_over_trl_peak_rss": m["peak_rss_bytes"] / t["peak_rss_bytes"],
+        "medtune_over_trl_tokens_per_cpu_s": (
+            m["tokens_per_cpu_s"] / t["tokens_per_cpu_s"]
+            if m["tokens_per_cpu_s"] and t["tokens_per_cpu_s"]
+            else None
+        ),
     }
 
 
@@ -564,11 +596,14 @@ def main() -> None:
     load_end = os.getloadavg()
     print_table([(st, name, s) for st, c in comparisons.items() for name, s in c["sides"].items()])
     for setting, c in comparisons.items():
+        if "medtune_over_trl_tokens_per_s" not in c:
+            continue
         ratio, rss = c["medtune_over_trl_tokens_per_s"], c["medtune_over_trl_peak_rss"]
         verdict = "meets" if ratio >= 2.0 and rss <= 1.0 else "misses"
         print(
             f"{setting}: medtune / TRL tokens/s {ratio:.2f}x (best step vs best step "
-            f"{c['medtune_over_trl_best_step_tokens_per_s']:.2f}x); peak RSS ratio {rss:.2f}"
+            f"{c['medtune_over_trl_best_step_tokens_per_s']:.2f}x, per CPU second "
+            f"{c['medtune_over_trl_tokens_per_cpu_s'] or float('nan'):.2f}x); peak RSS ratio {rss:.2f}"
             + (f" ({verdict} the target of >= 2x with no higher RSS)" if setting == "best" else "")
         )
     from medtune.model.cpu_caps import cpu_bf16_choice, cpu_flags, native_bf16
