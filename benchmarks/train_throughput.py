@@ -1,11 +1,23 @@
 """Is medtune's training loop faster than TRL's SFTTrainer on the same job? Tokens/s and peak RSS.
 
-Both sides train the same model on the same text with the same settings, one after the other in
-this run, each in a fresh subprocess so its peak RSS (`ru_maxrss`) is its own:
+Both sides train the same model on the same text, each in a fresh subprocess so its peak RSS
+(`ru_maxrss`) is its own, at two settings in one run, the side that goes first swapping from one
+setting to the next (medtune, TRL at `best`; TRL, medtune at `equal`), so drifting load on a shared
+machine favours neither:
 
-  QLoRA NF4 (double quant), LoRA r=16 alpha=32 dropout 0.05 on all linear layers, best-fit-decreasing
-  packing into 512-token rows, micro-batch 4 rows, grad accum 1, gradient checkpointing (non-reentrant),
-  fp32 compute on CPU, AdamW lr 2e-4 cosine, no warm-up, max grad norm 1.0, nothing saved while timing.
+  common: QLoRA NF4 (double quant), LoRA r=16 alpha=32 dropout 0.05 on all linear layers,
+  best-fit-decreasing packing into 512-token rows, micro-batch 4 rows, grad accum 1, gradient
+  checkpointing (non-reentrant), AdamW lr 2e-4 cosine, no warm-up, max grad norm 1.0, nothing saved
+  while timing.
+  best:  each side at its best on this CPU. bf16 compute where the chip multiplies bf16 natively
+         (amx_bf16 / avx512_bf16: medtune's `model.dtype: auto`; TRL's default `bf16=True` with the
+         model and the 4-bit compute dtype in bf16), fp32 elsewhere. TRL 1.16's current defaults
+         otherwise: bfd packing, which is always padding-free (one flattened row per batch), and
+         loss_type "nll", a fused LM head that computes log-probs in chunks without full logits.
+         medtune: packed rows and its chunked cross-entropy (`train.chunked_ce: auto`). Liger and
+         Cut Cross-Entropy are Triton kernels for GPUs: the run records whether they are installed
+         and usable; on a CPU neither side can use them.
+  equal: both sides in fp32, otherwise as above.
 
 Data: the quick-start's prepared training set (`medtune prepare examples/quickstart.yaml` with the
 chosen model), rendered for TRL with medtune's own `render_prompt` / `render_target` + end-of-turn
@@ -18,7 +30,8 @@ Throughput counts real (non-padding) tokens over the steps after the first `--wa
        tokens (TRL's bfd packing is padding-free: one flattened row, no pad tokens).
 medtune's final checkpoint + adapter save happens after its timed steps and is not timed.
 
-    python benchmarks/train_throughput.py [--model DIR] [--steps 8] [--warmup 2] [--profile]
+    python benchmarks/train_throughput.py [--model DIR] [--steps 4] [--warmup 1]
+        [--settings best,equal] [--profile]
 
 `--profile` adds torch.profiler over one steady-state step on each side (slower; timings then
 include profiler overhead) and writes the top operators by self CPU time into the JSON.
@@ -43,6 +56,12 @@ QUICKSTART = REPO / "examples" / "quickstart.yaml"
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 DEFAULT_MODEL = REPO / "models" / "gemma3-270m"
 PROFILE_TOP = 20
+SETTING_NAMES = {
+    "best": "each side at its best on this CPU: bf16 where native (medtune `dtype: auto`, TRL's default "
+    "`bf16=True`), TRL's current defaults (padding-free bfd packing, fused chunked `nll` loss), medtune's "
+    "chunked CE",
+    "equal": "both fp32, the same packing, batch and checkpointing",
+}
 
 SETTINGS = {
     "lora_r": 16,
@@ -79,7 +98,7 @@ def profile_table(prof: Any) -> list[dict[str, Any]]:
     ]
 
 
-def medtune_config(model_dir: Path, out_dir: Path, steps: int):
+def medtune_config(model_dir: Path, out_dir: Path, steps: int, dtype: str):
     from medtune.config import load_config
 
     s = SETTINGS
@@ -88,7 +107,7 @@ def medtune_config(model_dir: Path, out_dir: Path, steps: int):
         {
             "seed": s["seed"],
             "model.path": str(model_dir),
-            "model.dtype": "float32",  # as TRL's side below: auto would pick bf16 on some CPUs
+            "model.dtype": dtype,  # best: auto (bf16 where the CPU multiplies it natively); equal: float32
             "output.dir": str(out_dir),
             "quantization.mode": "nf4",
             "quantization.double_quant": True,
@@ -111,39 +130,53 @@ def medtune_config(model_dir: Path, out_dir: Path, steps: int):
     )
 
 
-def child_medtune(model_dir: Path, prepared: Path, work: Path, steps: int, profile_step: int | None) -> dict:
+def child_medtune(
+    model_dir: Path, prepared: Path, work: Path, steps: int, profile_step: int | None, setting: str
+) -> dict:
+    import torch
+
     import medtune.train as train_mod
+    from medtune.model.load import resolve_compute_dtype
     from medtune.train import run_train
 
-    cfg = medtune_config(model_dir, work, steps)
+    cfg = medtune_config(model_dir, work, steps, "auto" if setting == "best" else "float32")
+    compute_dtype, dtype_reason = resolve_compute_dtype(cfg.model, torch.device("cpu"))
     profiled: list[Any] = []
-    if profile_step is not None:  # wrap one optimiser step in torch.profiler, the rest untouched
-        import torch.profiler as tp
+    cpu_seconds: list[float] = []
+    original, calls = train_mod._optimizer_step, [0]
 
-        original, calls = train_mod._optimizer_step, [0]
+    def wrapped(*args: Any, **kwargs: Any):
+        """Process CPU time of each optimiser step; torch.profiler around step `profile_step`."""
+        calls[0] += 1
+        cpu_start = time.process_time()
+        if calls[0] != profile_step:
+            out = original(*args, **kwargs)
+        else:
+            import torch.profiler as tp
 
-        def wrapped(*args: Any, **kwargs: Any):
-            calls[0] += 1
-            if calls[0] != profile_step:
-                return original(*args, **kwargs)
             with tp.profile(activities=[tp.ProfilerActivity.CPU]) as prof:
                 out = original(*args, **kwargs)
             profiled.append(prof)
-            return out
+        cpu_seconds.append(time.process_time() - cpu_start)
+        return out
 
-        train_mod._optimizer_step = wrapped
+    train_mod._optimizer_step = wrapped
     started = time.perf_counter()
     summary = run_train(cfg, prepared, work / "train")
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines() if line]
     return {
         "step_seconds": [r["step_seconds"] for r in rows],
+        "cpu_seconds": cpu_seconds,
         "real_tokens": [r["real_tokens"] for r in rows],
         "target_tokens": [r["target_tokens"] for r in rows],
         "losses": [r["loss"] for r in rows],
         "packing_efficiency": summary["packing"]["efficiency"],
         "rows_per_epoch": summary["rows_per_epoch"],
         "wall_seconds_incl_load_and_save": wall,
+        "compute_dtype": str(compute_dtype),
+        "compute_dtype_reason": dtype_reason,
+        "chunked_ce": cfg.train.chunked_ce,
         "profile": profile_table(profiled[0]) if profiled else None,
     }
 
@@ -167,17 +200,31 @@ def trl_dataset(model_dir: Path, prepared: Path):
     return Dataset.from_list(rows), tokenizer
 
 
-def child_trl(model_dir: Path, prepared: Path, work: Path, steps: int, profile_step: int | None) -> dict:
+def trl_compute_dtype(setting: str):
+    """TRL's best on this CPU: bf16 (its default `bf16=True`) where the chip multiplies bf16 natively,
+    by the rule medtune's `dtype: auto` uses; fp32 elsewhere and at equal settings."""
+    import torch
+
+    from medtune.model.cpu_caps import cpu_bf16_choice
+
+    native, _ = cpu_bf16_choice()
+    return torch.bfloat16 if setting == "best" and native else torch.float32
+
+
+def child_trl(
+    model_dir: Path, prepared: Path, work: Path, steps: int, profile_step: int | None, setting: str
+) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     s = SETTINGS
+    dtype = trl_compute_dtype(setting)
     dataset, tokenizer = trl_dataset(model_dir, prepared)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        dtype=torch.float32,
+        dtype=dtype,
         attn_implementation="sdpa",
         device_map={"": "cpu"},
         local_files_only=True,
@@ -185,9 +232,13 @@ def child_trl(model_dir: Path, prepared: Path, work: Path, steps: int, profile_s
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_compute_dtype=dtype,
         ),
     )
+    # TRL 1.16's defaults kept: packing_strategy "bfd" (always padding-free: one flattened row per
+    # batch), loss_type "nll" (a fused LM head that computes log-probs in chunks, never the full
+    # logits), completion-only loss for prompt/completion data, gradient checkpointing on, bf16 on
+    # (turned off only at equal settings or where the CPU lacks native bf16).
     args = SFTConfig(
         output_dir=str(work / "trl"),
         max_steps=steps,
@@ -199,12 +250,9 @@ def child_trl(model_dir: Path, prepared: Path, work: Path, steps: int, profile_s
         weight_decay=0.0,
         max_grad_norm=1.0,
         packing=True,
-        packing_strategy="bfd",
         max_length=s["max_seq_len"],
-        completion_only_loss=True,
-        gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=False,
+        bf16=dtype == torch.bfloat16,
         use_cpu=True,
         save_strategy="no",
         report_to=[],
@@ -243,10 +291,20 @@ def child_trl(model_dir: Path, prepared: Path, work: Path, steps: int, profile_s
     wall = time.perf_counter() - started
     return {
         "step_seconds": timer.seconds,
+        "cpu_seconds": timer.cpu_seconds,
         "real_tokens": timer.real,
         "target_tokens": timer.targets,
         "losses": timer.losses,
         "trainable_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
+        "compute_dtype": str(dtype),
+        "trl_args": {
+            "bf16": args.bf16,
+            "packing_strategy": args.packing_strategy,
+            "padding_free": trainer.padding_free,
+            "loss_type": args.loss_type,
+            "completion_only_loss": args.completion_only_loss,
+            "gradient_checkpointing": args.gradient_checkpointing,
+        },
         "packed_rows": len(trainer.train_dataset),
         "wall_seconds_incl_load_and_save": wall,
         "profile": profile_table(timer.profiled[0]) if timer.profiled else None,
@@ -261,6 +319,7 @@ def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: in
 
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.cpu_seconds: list[float] = []
             self.real: list[int] = []
             self.targets: list[int] = []
             self.losses: list[float] = []
@@ -271,10 +330,11 @@ def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: in
             if profile_step is not None and state.global_step + 1 == profile_step:
                 self._prof = tp.profile(activities=[tp.ProfilerActivity.CPU])
                 self._prof.__enter__()
-            self._start = time.perf_counter()
+            self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._start)
+            self.cpu_seconds.append(time.process_time() - self._cpu_start)
             if self._prof is not None:
                 self._prof.__exit__(None, None, None)
                 self.profiled.append(self._prof)
@@ -298,18 +358,19 @@ def run_child(argv: list[str]) -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--profile-step", type=int, default=None)
+    parser.add_argument("--setting", choices=list(SETTING_NAMES), required=True)
     args = parser.parse_args(argv)
     from medtune.offline import enforce_offline
 
     enforce_offline()
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     run = child_medtune if args.side == "medtune" else child_trl
-    result = run(args.model, args.prepared, args.work, args.steps, args.profile_step)
+    result = run(args.model, args.prepared, args.work, args.steps, args.profile_step, args.setting)
     import torch
 
     result["torch_threads"] = torch.get_num_threads()
     result["peak_rss_bytes"] = peak_rss_bytes()
-    print(f"{args.side}: peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    print(f"{args.side} ({args.setting}): peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     (args.work / f"{args.side}.json").write_text(json.dumps(result, indent=2))
 
 
@@ -320,6 +381,7 @@ def steady_state(runs: list[dict], warmup: int) -> dict:
     """Tokens/s over the steps after the first `warmup` of each run (sum of tokens / sum of seconds),
     and the best single step's tokens/s (the least disturbed by other load on a shared machine)."""
     secs = [x for r in runs for x in r["step_seconds"][warmup:]]
+    cpu = [x for r in runs for x in r.get("cpu_seconds", [])[warmup:]]
     real = [x for r in runs for x in r["real_tokens"][warmup:]]
     if not secs:
         raise SystemExit(f"--steps must exceed --warmup ({warmup}) to leave steps to time")
@@ -331,6 +393,7 @@ def steady_state(runs: list[dict], warmup: int) -> dict:
         "tokens_per_s": sum(real) / sum(secs),
         "best_step_tokens_per_s": max(n / t for n, t in zip(real, secs, strict=True)),
         "mean_step_s": sum(secs) / len(secs),
+        "tokens_per_cpu_s": sum(real) / sum(cpu) if cpu else None,
         "first_loss": runs[0]["losses"][0] if runs[0]["losses"] else None,
         "final_loss": runs[0]["losses"][-1] if runs[0]["losses"] else None,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
@@ -382,39 +445,113 @@ def cpu_name() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def print_table(sides: dict[str, dict]) -> None:
+def peer_kernels() -> dict[str, str]:
+    """Whether Liger's and Cut Cross-Entropy's fused losses can run here. Both are Triton kernels
+    for GPUs (Triton has no CPU backend), so on a CPU-only machine neither side may use them."""
+    import importlib.util
+
+    import torch
+
+    out = {}
+    for name, module in (("liger-kernel", "liger_kernel"), ("cut-cross-entropy", "cut_cross_entropy")):
+        if importlib.util.find_spec(module) is None:
+            out[name] = "not installed"
+        elif not torch.cuda.is_available():
+            out[name] = "installed, unusable: Triton kernels need a GPU"
+        else:
+            out[name] = "installed, usable"
+    return out
+
+
+def print_table(rows: list[tuple[str, str, dict]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="training throughput, steady state (real tokens)")
     columns = (
+        "setting",
         "side",
-        "runs",
+        "dtype",
         "timed steps",
         "tokens",
         "seconds",
         "tokens/s",
         "best step tok/s",
+        "tok/CPU-s",
         "s/step",
         "peak RSS GB",
-        "loss 1st->last (run 1)",
+        "loss 1st->last",
     )
     for col in columns:
         table.add_column(col)
-    for name, s in sides.items():
+    for setting, name, s in rows:
         table.add_row(
+            setting,
             name,
-            str(s["runs"]),
+            s["compute_dtype"].removeprefix("torch."),
             str(s["timed_steps"]),
             str(s["real_tokens_timed"]),
             f"{s['seconds_timed']:.1f}",
             f"{s['tokens_per_s']:.1f}",
             f"{s['best_step_tokens_per_s']:.1f}",
+            f"{s['tokens_per_cpu_s']:.1f}" if s["tokens_per_cpu_s"] else "-",
             f"{s['mean_step_s']:.1f}",
             f"{s['peak_rss_bytes'] / 1e9:.2f}",
             f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}",
         )
-    Console(width=140).print(table)
+    Console(width=160).print(table)
+
+
+def run_order(settings: list[str], order: str) -> list[tuple[str, str]]:
+    """(setting, side) in run order. 'alternate' swaps which side goes first from one setting to the
+    next (medtune, TRL, TRL, medtune, ...), so load drift on a shared machine favours neither."""
+    if order == "alternate":
+        pairs = [("medtune", "trl") if i % 2 == 0 else ("trl", "medtune") for i in range(len(settings))]
+        return [(setting, side) for setting, pair in zip(settings, pairs, strict=True) for side in pair]
+    return [(setting, side) for setting in settings for side in order.split(",")]
+
+
+def run_side(setting: str, side: str, work: Path, model_dir: Path, prepared: Path, args) -> dict:
+    """One side at one setting in a fresh subprocess; its result with wall time and load around it."""
+    work.mkdir()
+    cmd = [sys.executable, __file__, "--child", side, "--model", str(model_dir), "--setting", setting]
+    cmd += ["--prepared", str(prepared), "--work", str(work), "--steps", str(args.steps)]
+    if args.profile:
+        cmd += ["--profile-step", str(args.warmup + 1)]
+    side_start, load_before = time.perf_counter(), os.getloadavg()
+    print(f"running {side} at {setting} settings ({args.steps} steps) ...", flush=True)
+    subprocess.run(cmd, check=True)
+    result = json.loads((work / f"{side}.json").read_text())
+    result.update(
+        side=side,
+        setting=setting,
+        child_wall_seconds=time.perf_counter() - side_start,
+        loadavg_before=load_before,
+        loadavg_after=os.getloadavg(),
+    )
+    return result
+
+
+def compare(raw: list[dict], setting: str, warmup: int) -> dict:
+    """Both sides' steady state at one setting and medtune / TRL ratios."""
+    sides = {}
+    for name in ("medtune", "trl"):
+        if runs := [r for r in raw if r["side"] == name and r["setting"] == setting]:
+            sides[name] = {**steady_state(runs, warmup), "compute_dtype": runs[0]["compute_dtype"]}
+    if len(sides) < 2:  # one side only (--order medtune, e.g. to profile it): nothing to compare
+        return {"sides": sides}
+    m, t = sides["medtune"], sides["trl"]
+    return {
+        "sides": sides,
+        "medtune_over_trl_tokens_per_s": m["tokens_per_s"] / t["tokens_per_s"],
+        "medtune_over_trl_best_step_tokens_per_s": m["best_step_tokens_per_s"] / t["best_step_tokens_per_s"],
+        "medtune_over_trl_peak_rss": m["peak_rss_bytes"] / t["peak_rss_bytes"],
+        "medtune_over_trl_tokens_per_cpu_s": (
+            m["tokens_per_cpu_s"] / t["tokens_per_cpu_s"]
+            if m["tokens_per_cpu_s"] and t["tokens_per_cpu_s"]
+            else None
+        ),
+    }
 
 
 def main() -> None:
@@ -422,19 +559,28 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", type=Path, default=None, help="model dir (default models/gemma3-270m)")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1, help="leading steps left out of the timing")
     parser.add_argument("--profile", action="store_true", help="torch.profiler over one steady step per side")
     parser.add_argument(
+        "--settings",
+        default="best,equal",
+        help="comma-separated: best (each side's best on this CPU), equal (both fp32)",
+    )
+    parser.add_argument(
         "--order",
-        default="medtune,trl",
-        help="which sides run, in order (comma-separated), or 'abba' = medtune,trl,trl,medtune to even out "
-        "load drift on a shared machine",
+        default="alternate",
+        help="'alternate' (medtune,trl at the first setting, trl,medtune at the next, ...) or the sides "
+        "to run at every setting, comma-separated",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    settings = args.settings.split(",")
+    if unknown := set(settings) - set(SETTING_NAMES):
+        raise SystemExit(f"--settings: unknown {sorted(unknown)}; choose from {sorted(SETTING_NAMES)}")
     load_start = os.getloadavg()
     started = time.perf_counter()
+    order = run_order(settings, args.order)
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp_name:
         tmp = Path(tmp_name)
         if args.model is None:
@@ -442,61 +588,52 @@ def main() -> None:
         else:
             model_dir, model_name = args.model.resolve(), args.model.name
         prepared = prepare_data(model_dir, tmp / "run")
-        raw: list[dict] = []
-        order = ["medtune", "trl", "trl", "medtune"] if args.order == "abba" else args.order.split(",")
-        for i, side in enumerate(order):
-            work = tmp / f"{i}-{side}"
-            work.mkdir()
-            cmd = [sys.executable, __file__, "--child", side, "--model", str(model_dir)]
-            cmd += ["--prepared", str(prepared), "--work", str(work), "--steps", str(args.steps)]
-            if args.profile:
-                cmd += ["--profile-step", str(args.warmup + 1)]
-            side_start, load_before = time.perf_counter(), os.getloadavg()
-            print(f"running {side} ({args.steps} steps) ...", flush=True)
-            subprocess.run(cmd, check=True)
-            result = json.loads((work / f"{side}.json").read_text())
-            result.update(
-                side=side,
-                child_wall_seconds=time.perf_counter() - side_start,
-                loadavg_before=load_before,
-                loadavg_after=os.getloadavg(),
-            )
-            raw.append(result)
-    sides = {
-        name: steady_state([r for r in raw if r["side"] == name], args.warmup) for name in ("medtune", "trl")
-    }
-    ratio = sides["medtune"]["tokens_per_s"] / sides["trl"]["tokens_per_s"]
-    best_ratio = sides["medtune"]["best_step_tokens_per_s"] / sides["trl"]["best_step_tokens_per_s"]
-    rss_ratio = sides["medtune"]["peak_rss_bytes"] / sides["trl"]["peak_rss_bytes"]
+        raw = [
+            run_side(setting, side, tmp / f"{i}-{setting}-{side}", model_dir, prepared, args)
+            for i, (setting, side) in enumerate(order)
+        ]
+    comparisons = {setting: compare(raw, setting, args.warmup) for setting in settings}
     load_end = os.getloadavg()
-    print_table(sides)
-    verdict = "meets" if ratio >= 1.2 and rss_ratio <= 1.0 else "misses"
-    print(
-        f"medtune / TRL tokens/s: {ratio:.2f}x (best step vs best step {best_ratio:.2f}x); "
-        f"peak RSS ratio {rss_ratio:.2f} ({verdict} the target of "
-        f">= 1.2x with no higher RSS)"
-    )
+    print_table([(st, name, s) for st, c in comparisons.items() for name, s in c["sides"].items()])
+    for setting, c in comparisons.items():
+        if "medtune_over_trl_tokens_per_s" not in c:
+            continue
+        ratio, rss = c["medtune_over_trl_tokens_per_s"], c["medtune_over_trl_peak_rss"]
+        verdict = "meets" if ratio >= 2.0 and rss <= 1.0 else "misses"
+        print(
+            f"{setting}: medtune / TRL tokens/s {ratio:.2f}x (best step vs best step "
+            f"{c['medtune_over_trl_best_step_tokens_per_s']:.2f}x, per CPU second "
+            f"{c['medtune_over_trl_tokens_per_cpu_s'] or float('nan'):.2f}x); peak RSS ratio {rss:.2f}"
+            + (f" ({verdict} the target of >= 2x with no higher RSS)" if setting == "best" else "")
+        )
+    from medtune.model.cpu_caps import cpu_bf16_choice, cpu_flags, native_bf16
+
     machine = cpu_name()
+    bf16_flags = native_bf16(cpu_flags())
+    kernels = peer_kernels()
     loads = " ".join(f"{x:.2f}" for x in load_start), " ".join(f"{x:.2f}" for x in load_end)
     print(
-        f"machine: {machine}; model {model_name}; load average (1/5/15 min) at start {loads[0]}, "
-        f"at end {loads[1]}; wall {time.perf_counter() - started:.0f} s"
+        f"machine: {machine}; native bf16 flags: {', '.join(bf16_flags) or 'none'}; model {model_name}; "
+        f"load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}; "
+        f"wall {time.perf_counter() - started:.0f} s"
     )
+    print("peer kernels: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
                 "machine": machine,
+                "native_bf16_flags": bf16_flags,
+                "dtype_auto_choice": cpu_bf16_choice()[1],
                 "model": model_name,
                 "settings": {**SETTINGS, "steps": args.steps, "warmup_steps_excluded": args.warmup},
+                "setting_meanings": {k: SETTING_NAMES[k] for k in settings},
+                "peer_kernels": kernels,
                 "loadavg_start": load_start,
                 "loadavg_end": load_end,
                 "wall_seconds": time.perf_counter() - started,
-                "order": order,
-                "medtune_over_trl_tokens_per_s": ratio,
-                "medtune_over_trl_best_step_tokens_per_s": best_ratio,
-                "medtune_over_trl_peak_rss": rss_ratio,
-                "summary": sides,
+                "order": [f"{setting}:{side}" for setting, side in order],
+                "comparisons": comparisons,
                 "raw": raw,
                 "profiled": args.profile,
             },
