@@ -265,7 +265,8 @@ def throughput(steps: int, gemma_steps: int) -> dict[str, Any]:
             f"{r['model']:<12} {r['micro_batch_size']:>3} {r['step_s']['store']['median']:>12.3f} "
             f"{r['step_s']['lists']['median']:>12.3f} "
             f"{sr['median']:>8.3f} ({sr['q1']:.3f}-{sr['q3']:.3f}) "
-            f"{r['collate_s']['store']['median'] * 1e3:>10.2f}/{r['collate_s']['lists']['median'] * 1e3:<10.2f}"
+            f"{r['collate_s']['store']['median'] * 1e3:>10.2f}/"
+            f"{r['collate_s']['lists']['median'] * 1e3:<10.2f}"
             f" {cr['median']:>6.2f}"
         )
     return {"machine": machine(), "models": rows}
