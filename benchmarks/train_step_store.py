@@ -161,9 +161,8 @@ def startup(n: int, model: Path, today: bool) -> dict[str, Any]:
         cases = [(1, False), (2, False)] + [(1, True), (2, True)] * today
         rows = [run_train(config, ranks, t) for ranks, t in cases]
     print(f"medtune train start-up, {n:,} records, {model.name}, 1 step | {machine()}")
-    print(
-        f"{'path':<8} {'ranks':>5} {'first step s':>13} {'start s':>8} {'step s':>7} {'peak RSS MB per rank':>24}"
-    )
+    head = f"{'path':<8} {'ranks':>5} {'first step s':>13} {'start s':>8} {'step s':>7}"
+    print(f"{head} {'peak RSS MB per rank':>24}")
     for r in rows:
         peaks = ", ".join(f"{p / 2**20:,.0f}" for p in r["peak_rss_bytes_per_rank"])
         print(
