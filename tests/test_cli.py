@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, stand_in_model_dir
 
 # Folder names rich would read as markup or emoji codes: a closing tag with no opening one (crashes
 # the printer), a style tag (vanishes from the path) and `:-1:` (becomes a thumbs-down).
@@ -48,15 +48,8 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and "config file not found" in result.stderr
 
 
-def fake_model_dir(path: Path) -> Path:
-    """Enough of a model directory for the config loader, which checks only that config.json exists."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text("{}")
-    return path
-
-
 def test_config_show_prints_defaults(tmp_path: Path) -> None:
-    model = fake_model_dir(tmp_path / "model")
+    model = stand_in_model_dir(tmp_path / "model")
     result = medtune("config", "show", str(EXAMPLES / "quickstart.yaml"), "-s", f"model.path={model}")
     assert result.returncode == 0, result.stderr
     shown = yaml.safe_load(result.stdout)
@@ -70,7 +63,7 @@ def test_config_validate_refuses_a_missing_model_directory(tmp_path: Path) -> No
     result = medtune("config", "validate", str(cfg))
     assert result.returncode == 2 and "ok" not in result.stdout
     assert "model.path: no such folder" in result.stderr and str(tmp_path / "nowhere") in result.stderr
-    fake_model_dir(tmp_path / "nowhere")
+    stand_in_model_dir(tmp_path / "nowhere")
     assert medtune("config", "validate", str(cfg)).returncode == 0
 
 
@@ -84,7 +77,7 @@ def test_errors_print_paths_verbatim(tmp_path: Path, name: str, capsys) -> None:
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_messages_print_paths_verbatim(tmp_path: Path, name: str, capsys) -> None:
     folder = tmp_path / name
-    model = fake_model_dir(folder / "model")
+    model = stand_in_model_dir(folder / "model")
     data = EXAMPLES / "data" / "medqa" / "dev.jsonl"
     cfg = folder / "run.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"path": str(model)}, "data": {"eval": [{"path": str(data)}]}}))

@@ -24,7 +24,7 @@ from medtune.sweep import (
     run_sweep,
 )
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, stand_in_model_dir
 
 N_ITEMS = 24
 
@@ -131,8 +131,7 @@ class FakeStages:
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     # The fake stages never load the model, but the config loader checks model.path is a model folder.
-    (tmp_path / "no-model-needed").mkdir()
-    (tmp_path / "no-model-needed" / "config.json").write_text("{}")
+    stand_in_model_dir(tmp_path / "no-model-needed")
     text = f"""
 data:
   train: [{{path: {EXAMPLES / "data/medqa/train.jsonl"}, format: medqa}}]
