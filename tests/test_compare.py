@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,31 @@ def test_forgetting_table_lists_groups_worse_than_base(tmp_path: Path) -> None:
     assert rows[("B", "language=en")]["significant"]
     assert not any(model == "A" for model, _ in rows)  # A is the base itself: no change
     assert "Forgetting vs base" in (tmp_path / "out" / "compare.md").read_text()
+
+
+ONE_RUN = Path(__file__).parent / "data" / "compare" / "one_run"
+
+
+def test_one_run_form_writes_what_it_always_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`medtune compare A B --base BASE`: compare.md, compare.json and the terminal table byte for byte as
+    the one-run code wrote them before seeds were supported (tests/data/compare/one_run/expected)."""
+    from medtune.cli import main
+
+    for name in ("a.jsonl", "b.jsonl", "base.jsonl"):
+        shutil.copy(ONE_RUN / name, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "a.jsonl", "b.jsonl", "--base", "base.jsonl", "--out", "out"])
+    assert exit_.value.code == 0
+    expected = ONE_RUN / "expected"
+    assert capsys.readouterr().out == (expected / "terminal.txt").read_text(encoding="utf-8")
+    for name in ("compare.md", "compare.json"):
+        assert (tmp_path / "out" / name).read_text(encoding="utf-8") == (expected / name).read_text(
+            encoding="utf-8"
+        ), name
 
 
 def test_load_predictions_errors(tmp_path: Path) -> None:
