@@ -191,3 +191,15 @@ def test_compare_runs_covers_seed_variation_across_runs() -> None:
     assert table["all"]["seed_dominates"] and not table["all"]["significant"]
     lo, hi = table["all"]["ci95"]
     assert hi - lo > 25  # pp: three runs per side cannot pin down a 15 pp run-to-run spread
+
+
+def test_compare_runs_gives_each_seeds_mean() -> None:
+    """The spread a reader can see: each run's own score, on the items every run scored."""
+    runs_a = [{f"q{i}": {"id": f"q{i}", "correct": i < k} for i in range(10)} for k in (2, 5)]
+    runs_b = [{f"q{i}": {"id": f"q{i}", "correct": i < k} for i in range(10)} for k in (7, 8, 9)]
+    runs_b[0]["q9"]["correct"] = None  # unscorable in one run: left out of every run's mean
+    row = compare_runs(runs_a, runs_b, "accuracy", [])["all"]
+    assert row["n"] == 9
+    assert row["a_seed_means"] == pytest.approx([200 / 9, 500 / 9])
+    assert row["b_seed_means"] == pytest.approx([700 / 9, 800 / 9, 900 / 9])
+    assert row["b"] == pytest.approx(800 / 9)

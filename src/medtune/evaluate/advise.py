@@ -218,15 +218,19 @@ def compare_runs(
     """`compare` across runs: B's seeds against A's seeds, per group, on the items all runs scored.
 
     Each run maps item id -> prediction (or NLL row); the interval covers items and both sides' seeds.
+    Each run's own mean is listed too: the spread behind the interval, in the metric's units.
     """
     groups = group_scores(a_runs[0], {"A": a_runs, "B": b_runs}, metric, keys)
     out = {}
     for name, g in groups.items():
-        c = contrast([g.ratios["B"], g.ratios["A"]], [1.0, -1.0])
+        a, b = g.ratios["A"], g.ratios["B"]
+        c = contrast([b, a], [1.0, -1.0])
         out[name] = {
             "n": int(g.base.shape[0]),
-            "a": float(g.ratios["A"].mean()),
-            "b": float(g.ratios["B"].mean()),
+            "a": float(a.mean()),
+            "b": float(b.mean()),
+            "a_seed_means": [float(x) for x in a.mean(axis=1)],
+            "b_seed_means": [float(x) for x in b.mean(axis=1)],
             "seeds": [len(a_runs), len(b_runs)],
         } | {k: c[k] for k in ("estimate", "ci95", "significant", "seed_share", "seed_dominates")}
     return out
