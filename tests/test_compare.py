@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import binomtest
 
-from medtune.evaluate.compare import compare_predictions, load_predictions, run_compare
+from medtune.evaluate.compare import (
+    compare_predictions,
+    compare_seeds,
+    load_predictions,
+    run_compare,
+    run_compare_seeds,
+)
 from medtune.evaluate.stats import wilson_ci
 
 
@@ -144,6 +152,150 @@ def test_load_predictions_errors(tmp_path: Path) -> None:
     (tmp_path / "dup.jsonl").write_text('{"id": "x"}\n{"id": "x"}\n')
     with pytest.raises(RunDirError, match="duplicate"):
         load_predictions(tmp_path / "dup.jsonl")
+
+
+# ------------------------------------------------------------------------------ several runs (seeds) per side
+# A run's item i is correct with probability sigmoid(difficulty_i + run offset + effect): items share
+# their difficulty across every run of both models, and each run (seed) lands somewhere of its own.
+
+
+def seeded_runs(
+    rng: np.random.Generator,
+    difficulty: np.ndarray,
+    n_runs: int,
+    effect: dict[str, float],
+    seed_sd: float,
+) -> list[dict[str, dict]]:
+    """Predictions of `n_runs` training runs of one model; `effect` (logits) per language."""
+    langs = ["en" if i % 2 else "ko" for i in range(len(difficulty))]
+    shift = np.array([effect.get(lang, 0.0) for lang in langs])
+    runs = []
+    for _ in range(n_runs):
+        p = 1 / (1 + np.exp(-(difficulty + shift + rng.normal(0, seed_sd))))
+        correct = rng.random(len(difficulty)) < p
+        runs.append(
+            {f"q{i}": _item(i, bool(c), lang) for i, (c, lang) in enumerate(zip(correct, langs, strict=True))}
+        )
+    return runs
+
+
+def nll_rows(rng: np.random.Generator, items: dict[str, dict], shift: float) -> list[dict]:
+    """An nll.jsonl beside one run's predictions: 20 target tokens per item, lower NLL when correct."""
+    return [
+        {**{k: it[k] for k in ("id", "language", "source", "subject", "tags")}, "kind": "mcqa", "tokens": 20}
+        | {"nll": 20 * (2.0 + shift - 0.3 * it["correct"] + rng.normal(0, 0.2))}
+        for it in items.values()
+    ]
+
+
+def write_run(path: Path, items: dict[str, dict], nll: list[dict] | None = None) -> Path:
+    """An eval dir as `medtune eval` leaves it: predictions.jsonl, and nll.jsonl when given."""
+    path.mkdir(parents=True)
+    _write(path / "predictions.jsonl", list(items.values()))
+    if nll is not None:
+        (path / "nll.jsonl").write_text("".join(json.dumps(r) + "\n" for r in nll), encoding="utf-8")
+    return path
+
+
+def test_seed_aware_compare_finds_a_planted_effect_where_it_is() -> None:
+    """B is better on Korean only (+1.2 logits), over three seeds a side."""
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0, 1, 300)
+    a = seeded_runs(rng, difficulty, 3, {}, seed_sd=0.2)
+    b = seeded_runs(rng, difficulty, 3, {"ko": 1.2}, seed_sd=0.2)
+    groups = compare_seeds(a, b, "accuracy")["groups"]
+    ko, en = groups["language=ko"], groups["language=en"]
+    assert ko["significant"] and ko["ci95"][0] > 0 and ko["verdict"].startswith("B better by")
+    assert not en["significant"] and en["verdict"].startswith("not significant")
+    assert ko["seeds"] == [3, 3] and ko["n"] == 150 and len(ko["b_seed_means"]) == 3
+
+
+def test_seed_aware_compare_with_no_effect_is_significant_at_about_the_nominal_rate() -> None:
+    """Equal models, three seeds a side, run-to-run spread larger than the items' noise: the seed-aware
+    interval calls them different about 5% of the time. The items-only paired test on one seed each
+    (the one-run form) is fooled far more often: the seeds matter in this simulation."""
+    rng = np.random.default_rng(1)
+    n, seed_aware, items_only = 300, 0, 0
+    for _ in range(n):
+        difficulty = rng.normal(0, 1, 120)
+        a = seeded_runs(rng, difficulty, 3, {}, seed_sd=0.8)
+        b = seeded_runs(rng, difficulty, 3, {}, seed_sd=0.8)
+        seed_aware += compare_seeds(a, b, "accuracy")["groups"]["all"]["significant"]
+        items_only += compare_predictions(a[0], b[0], 200, 0)["groups"]["all"]["significant"]
+    slack = 3 * math.sqrt(0.05 * 0.95 / n)
+    assert abs(seed_aware / n - 0.05) <= slack
+    assert items_only / n > 0.05 + 2 * slack
+
+
+def test_seed_dominance_is_said() -> None:
+    rng = np.random.default_rng(2)
+    difficulty = rng.normal(0, 1, 400)
+    a = seeded_runs(rng, difficulty, 3, {}, seed_sd=0.8)
+    b = seeded_runs(rng, difficulty, 3, {}, seed_sd=0.8)
+    row = compare_seeds(a, b, "accuracy")["groups"]["all"]
+    assert row["seed_dominates"] and row["seed_share"] > 0.5
+    assert row["verdict"].endswith("seed variation dominates")
+
+
+def test_cli_compares_two_runs_per_side_on_accuracy_and_nll(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`medtune compare A1 A2 --vs B1 B2 --base BASE`: eval dirs with nll.jsonl beside the predictions;
+    B is better on Korean and its held-out NLL is lower everywhere; B's seeds forgot some English."""
+    from medtune.cli import main
+
+    rng = np.random.default_rng(3)
+    difficulty = rng.normal(0, 1, 200)
+    (base,) = seeded_runs(rng, difficulty, 1, {"en": 0.8}, seed_sd=0.0)
+    dirs = []
+    for side, effect, shift in (("a", {}, 0.0), ("b", {"ko": 1.5, "en": -0.8}, -0.5)):
+        for k, items in enumerate(seeded_runs(rng, difficulty, 2, effect, seed_sd=0.1)):
+            dirs.append(write_run(tmp_path / f"{side}{k}", items, nll_rows(rng, items, shift)))
+    write_run(tmp_path / "base", base, nll_rows(rng, base, 0.3))
+    args = [*dirs[:2], "--vs", *dirs[2:], "--base", tmp_path / "base", "--out", tmp_path / "out"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", *map(str, args)])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert result["seeds"] == [2, 2] and result["a"] == [str(d) for d in dirs[:2]]
+    acc, nll = result["metrics"]["accuracy"], result["metrics"]["nll"]
+    assert acc["groups"]["language=ko"]["significant"] and acc["groups"]["language=ko"]["estimate"] > 0
+    assert nll["groups"]["all"]["significant"] and nll["groups"]["all"]["verdict"].startswith("B better")
+    assert nll["groups"]["all"]["estimate"] == pytest.approx(-0.5, abs=0.1)
+    forgot = {(r["model"], r["group"]) for r in acc["forgetting"] if r["significant"]}
+    assert ("B", "language=en") in forgot and ("B", "language=ko") not in forgot
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "2 runs" in md and "## Held-out NLL" in md and "Forgetting vs base" in md
+    out = capsys.readouterr().out
+    assert "B vs A over seeds" in out and "language=ko" in out
+
+
+def test_cli_with_several_runs_needs_vs_between_the_sides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from medtune.cli import main
+
+    for args in (["a", "b", "c"], ["a", "--vs"], ["a", "--vs", "b", "--vs", "c"], ["a", "b", "--bsae", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["compare", *args, "--out", str(tmp_path / "out")])
+        assert exit_.value.code == 2, args
+    assert "--vs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_run_on_a_side_is_said_and_a_missing_nll_is_named(tmp_path: Path) -> None:
+    """A base model has no seed to vary: one run against several is allowed, and the output says what
+    that assumes. NLL is left out, with the file named, when one run lacks nll.jsonl."""
+    rng = np.random.default_rng(4)
+    difficulty = rng.normal(0, 1, 60)
+    (a,) = seeded_runs(rng, difficulty, 1, {}, seed_sd=0.0)
+    b = seeded_runs(rng, difficulty, 2, {}, seed_sd=0.3)
+    paths_b = [write_run(tmp_path / f"b{k}", run, nll_rows(rng, run, 0.0)) for k, run in enumerate(b)]
+    result = run_compare_seeds([write_run(tmp_path / "a", a)], paths_b, None, tmp_path / "out")
+    assert list(result["metrics"]) == ["accuracy"]
+    notes = " ".join(result["notes"])
+    assert "A has one run" in notes and str(tmp_path / "a" / "nll.jsonl") in notes
+    assert "A has one run" in (tmp_path / "out" / "compare.md").read_text()
 
 
 # ------------------------------------------------------------------------------ run_eval end to end

@@ -220,17 +220,39 @@ def evaluate(
     eval_stage(_load(config, set_), base_only, force)
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True})  # `--vs` reaches RUNS, in order
 def compare(
-    a: Annotated[Path, typer.Argument(help="predictions.jsonl (or an eval dir) of model A.")],
-    b: Annotated[Path, typer.Argument(help="predictions.jsonl (or an eval dir) of model B.")],
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="A B: predictions.jsonl (or eval dir) of model A, then B. Several runs (seeds) of each: "
+            "A1 A2 --vs B1 B2.",
+            show_default=False,
+        ),
+    ],
     base: Annotated[Path | None, typer.Option(help="predictions of the base model, for forgetting.")] = None,
     out: Annotated[Path, typer.Option(help="Where to write compare.md/json.")] = Path("compare"),
 ) -> None:
-    """Paired per-item comparison of two models: deltas, bootstrap CIs, exact McNemar p-values."""
-    from medtune.evaluate.compare import run_compare
+    """Compare two models per group. One run each: paired per-item deltas, bootstrap CIs, exact McNemar
+    p-values. Several runs (seeds) each: the mean difference with a 95% CI over items and seeds, for
+    accuracy and held-out NLL (nll.jsonl beside the predictions), and whether seed variation dominates."""
+    from medtune.evaluate.compare import run_compare, run_compare_seeds
 
-    run_compare(a, b, base, out)
+    words = [str(r) for r in runs]
+    if "--vs" not in words and len(words) == 2:
+        words.insert(1, "--vs")  # `A B` is `A --vs B`
+    unknown = [w for w in words if w.startswith("-") and w != "--vs"]
+    if unknown or words.count("--vs") != 1 or "--vs" in (words[0], words[-1]):
+        why = f"no such option: {unknown[0]}; " if unknown else ""
+        raise typer.BadParameter(
+            f"{why}give A B, or A's runs, --vs, B's runs: A1 A2 --vs B1 B2", param_hint="RUNS"
+        )
+    cut = words.index("--vs")
+    runs_a, runs_b = [Path(w) for w in words[:cut]], [Path(w) for w in words[cut + 1 :]]
+    if len(runs_a) == len(runs_b) == 1:
+        run_compare(runs_a[0], runs_b[0], base, out)
+    else:
+        run_compare_seeds(runs_a, runs_b, base, out)
 
 
 @app.command()
