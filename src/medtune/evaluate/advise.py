@@ -13,10 +13,18 @@ another's) splits into
   (seeds, then items) counts it at both levels and is conservative by up to twice the variance here;
 - an item part, the variance over items of the per-item contrast (item difficulty cancels, as in
   `stats.paired_bootstrap_ci`) divided by the item count.
-The interval is estimate +- t * SE with Welch-Satterthwaite degrees of freedom from the two parts: with
-three seeds and seed variation dominant that is t(2) = 4.3, not 1.96. Three runs cannot pin a
-run-to-run spread down, and a normal quantile would call equal ratios different about three times too
-often (tests/test_advise.py simulates both).
+The interval does not add those two estimates as they stand: with two or three seeds the seed part
+often comes out at 0 by chance (MS_seed below MS_residual), its few degrees of freedom then drop out
+of the Welch-Satterthwaite sum, and t falls to ~1.96 exactly when the data cannot tell seed variation
+from none (equal ratios were called different 7-10% of the time at a nominal 5%). It uses instead
+- the variance of each model's run means, MS_seed / (S items), never truncated, with S - 1 degrees of
+  freedom: seed variation plus the run-by-item noise of that model's mean (a Welch test on run means);
+- plus what the item part holds beyond that run-by-item noise (item-by-model interaction: which items
+  suit which model), max(0, item part - MS_residual / (S items) per model), with items - 1 degrees.
+Both are unbiased, so their sum is the contrast's variance; the t quantile comes from their
+Welch-Satterthwaite degrees of freedom: t(2) = 4.3 for two seeds a side when run means dominate, as a
+t-test on run means would use. A single-seed model adds nothing to the first term and all its noise
+stays in the item part. tests/test_advise.py simulates equal ratios at 2 and 3 seeds.
 
 The same split says when seed variation dominates and how many items or seeds would resolve a
 difference (80% power at alpha = 0.05). This is numpy on per-item scores, torch-free;
@@ -56,41 +64,62 @@ class VarianceParts:
     item_var: float
     item_df: float
     seeds_known: bool
+    interval_var: float = 0.0
+    """The estimate's variance the interval uses (run means + item-by-model part; module docstring)."""
+    interval_df: float = math.inf
 
     @property
     def seed_share(self) -> float | None:
         total = self.seed_var + self.item_var
         return self.seed_var / total if self.seeds_known and total > 0 else None
 
-    @property
-    def df(self) -> float:
-        """Welch-Satterthwaite degrees of freedom of the summed variance."""
-        parts = [(v, d) for v, d in ((self.seed_var, self.seed_df), (self.item_var, self.item_df)) if v > 0]
-        if not parts:
-            return math.inf
-        return sum(v for v, _ in parts) ** 2 / sum(v * v / d for v, d in parts)
 
-
-def seed_variance(m: np.ndarray) -> float:
-    """sigma_seed^2 / S of one seeds x items matrix: (MS_seed - MS_residual) / (S * items), at least 0."""
+def mean_squares(m: np.ndarray) -> tuple[float, float]:
+    """MS_seed and MS_residual of one seeds x items matrix (two-way layout without replication)."""
     s, n = m.shape
     rows, cols = m.mean(axis=1, keepdims=True), m.mean(axis=0, keepdims=True)
     ms_seed = n * float(np.var(rows, ddof=1))
     residual = m - rows - cols + m.mean()
     ms_res = float((residual**2).sum()) / ((s - 1) * (n - 1)) if n > 1 else 0.0
-    return max(0.0, ms_seed - ms_res) / (s * n)
+    return ms_seed, ms_res
+
+
+def seed_variance(m: np.ndarray) -> float:
+    """sigma_seed^2 / S of one seeds x items matrix: (MS_seed - MS_residual) / (S * items), at least 0."""
+    ms_seed, ms_res = mean_squares(m)
+    return max(0.0, ms_seed - ms_res) / m.size
+
+
+def _satterthwaite(terms: Sequence[tuple[float, float]]) -> float:
+    """Degrees of freedom of a sum of independent variance estimates (value, df); inf when it is 0."""
+    terms = [(v, d) for v, d in terms if v > 0]
+    if not terms:
+        return math.inf
+    return sum(v for v, _ in terms) ** 2 / sum(v * v / d for v, d in terms)
 
 
 def variance_parts(matrices: Sequence[np.ndarray], weights: Sequence[float]) -> VarianceParts:
     """Seed and item parts of Var(sum_k w_k mean(M_k)); each M_k is seeds x items, items shared."""
     pairs = zip(weights, matrices, strict=True)
-    seed_terms = [(w * w * seed_variance(m), m.shape[0] - 1) for w, m in pairs if m.shape[0] > 1]
+    seeded = [(w * w, len(m) - 1, m.size, *mean_squares(m)) for w, m in pairs if len(m) > 1]
+    seed_terms = [(w2 * max(0.0, ms_seed - ms_res) / size, df) for w2, df, size, ms_seed, ms_res in seeded]
+    run_terms = [(w2 * ms_seed / size, df) for w2, df, size, ms_seed, _ in seeded]
     seed_var = sum(v for v, _ in seed_terms)
-    seed_df = seed_var**2 / sum(v * v / d for v, d in seed_terms) if seed_var > 0 else math.inf
     per_item = sum(w * m.mean(axis=0) for w, m in zip(weights, matrices, strict=True))
     n_items = per_item.shape[0]
     item_var = float(np.var(per_item, ddof=1) / n_items) if n_items > 1 else 0.0
-    return VarianceParts(float(seed_var), float(seed_df), item_var, n_items - 1, bool(seed_terms))
+    run_noise = sum(w2 * ms_res / size for w2, _, size, _, ms_res in seeded)
+    interaction = (max(0.0, item_var - run_noise), n_items - 1)
+    interval_var = sum(v for v, _ in run_terms) + interaction[0]
+    return VarianceParts(
+        float(seed_var),
+        _satterthwaite(seed_terms),
+        item_var,
+        n_items - 1,
+        bool(seeded),
+        float(interval_var),
+        _satterthwaite([*run_terms, interaction]),
+    )
 
 
 def contrast(
@@ -99,12 +128,12 @@ def contrast(
     """Estimate of sum_k w_k mean(M_k), its interval covering seeds and items, and the variance split."""
     estimate = float(sum(w * m.mean() for w, m in zip(weights, matrices, strict=True)))
     parts = variance_parts(matrices, weights)
-    half = float(student_t.ppf(1 - alpha / 2, parts.df)) * math.sqrt(parts.seed_var + parts.item_var)
+    half = float(student_t.ppf(1 - alpha / 2, parts.interval_df)) * math.sqrt(parts.interval_var)
     share = parts.seed_share
     return {
         "estimate": estimate,
         "ci95": [estimate - half, estimate + half],
-        "df": parts.df,
+        "df": parts.interval_df,
         "significant": bool(half < abs(estimate)),
         "seed_share": share,
         "seed_dominates": share is not None and share > 0.5,
