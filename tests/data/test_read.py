@@ -419,3 +419,14 @@ def test_empty_parquet_is_one_error(tmp_path):
     pq.write_table(pa.table({"question": pa.array([], pa.string())}), tmp_path / "none.parquet")
     with pytest.raises(DataError, match=r"none\.parquet: holds no rows"):
         read(tmp_path / "none.parquet")
+
+
+@pytest.mark.parametrize("name", ["one_line.json", "one_line.jsonl"])
+def test_a_json_document_on_one_line_longer_than_the_sniffed_head_is_read(tmp_path, monkeypatch, name):
+    """`json.dumps(items)` writes one line; past the head window the whole-file check cut that line off
+    and called the file empty (a 2.7 MB minified GenMedGPT split did this)."""
+    monkeypatch.setattr("medtune.data.files.HEAD_BYTES", 256)
+    items = [{"input": f"What is item {i} about, in a few words?", "output": "x" * 40} for i in range(20)]
+    (tmp_path / name).write_text(json.dumps(items))
+    records, rejected = read(tmp_path / name)
+    assert len(records) == 20 and not rejected

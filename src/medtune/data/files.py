@@ -100,7 +100,9 @@ def check_text_file(path: Path, encoding: str = "utf-8") -> list[str]:
         ) from None
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if not complete:
-        lines.pop()  # cut by the head window
+        cut = lines.pop()  # cut by the head window
+        if not any(line.strip() for line in lines):
+            lines.append(cut)  # one line longer than the window (minified JSON): keep its start
     lines = [line for line in lines if line.strip()]
     if not lines:
         raise DataError(f"{path}: file is empty; remove it from the config or give it data")
