@@ -84,6 +84,44 @@ def test_run_page_shows_manifest_tables_and_quarantine_rows(dirs: tuple[Path, Pa
     assert [r["step"] for r in rows] == [2, 3]
 
 
+def test_run_page_shows_eval_tables_with_cis_and_held_out_nll(dirs: tuple[Path, Path]) -> None:
+    run = write_run(dirs[0] / "alpha", ("prepare", "train", "eval"))
+    group = {
+        "n": 40,
+        "accuracy": 0.25,
+        "wilson_95": [0.14, 0.4],
+        "bootstrap_95": [0.125, 0.4],
+        "unscorable": 0,
+    }
+    nll_group = {"n": 40, "nll": 2.5, "ci95": [2.25, 2.75]}
+    metrics = {
+        "mode": "letter",
+        "k_shot": 0,
+        "n_items": 40,
+        "models": {"base": {"groups": {"language=ko": group}}, "tuned": {"groups": {"language=ko": group}}},
+        "compare": {
+            "language=ko": {
+                "delta_pp": -5.0,
+                "ci95_pp": [-12.5, 2.5],
+                "mcnemar_p": 0.0312,
+                "significant": True,
+            }
+        },
+        "nll": {
+            "base": {"language=ko": nll_group},
+            "tuned": {"language=ko": nll_group | {"nll": 2.0}},
+            "tuned_vs_base": {"language=ko": {"delta": -0.5, "ci95": [-0.75, -0.25], "significant": True}},
+        },
+    }
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    page = client(dirs).get("/runs/alpha").text
+    assert "<td>language=ko</td><td>40</td><td>25.0</td>\n<td>[14.0, 40.0]</td>" in page
+    assert "<td>-5.0</td><td>[-12.5, +2.5]</td>\n<td>0.0312</td>" in page
+    assert (
+        "<td>2.500 [2.250, 2.750]</td><td>2.000 [2.250, 2.750]</td><td>-0.500 [-0.750, -0.250]</td>" in page
+    )
+
+
 @pytest.mark.parametrize(
     "path", ["/files/alpha/../../configs/quick.yaml", "/files/alpha/%2e%2e/%2e%2e/configs/quick.yaml"]
 )
