@@ -199,3 +199,27 @@ def test_runs_and_configs_are_read_by_name_only(dirs: tuple[Path, Path]) -> None
     http = client(dirs)
     assert http.get("/runs/%2e%2e").status_code == 404
     assert http.get("/runs/%2e%2e%2fconfigs").status_code == 404
+
+
+def test_compare_shows_a_sweep_cell_by_cell_against_the_base(dirs: tuple[Path, Path]) -> None:
+    sweep = dirs[0] / "mix-sweep"
+    cells = []
+    for label, delta in (("ko:en=1:0", -7.5), ("ko:en=1:1", 2.5)):
+        name = f"{label.replace(':', '').replace('=', '-')}-s0"
+        (sweep / "cells" / name / "eval").mkdir(parents=True)
+        group = {"delta_pp": delta, "ci95_pp": [delta - 5, delta + 5], "mcnemar_p": 0.04, "significant": True}
+        compare = {"groups": {"language=en": group}}
+        (sweep / "cells" / name / "eval" / "compare.json").write_text(json.dumps(compare))
+        cells.append(
+            {"ratio_label": label, "seed": 0, "status": "ok", "compare": f"cells/{name}/eval/compare.json"}
+        )
+    (dirs[1] / "leak.json").write_text(json.dumps(compare))  # outside the sweep: must not be read
+    cells.append({"ratio_label": "evil", "seed": 0, "status": "ok", "compare": "../../configs/leak.json"})
+    (sweep / "sweep.json").write_text(json.dumps({"cells": cells}))
+    (sweep / "report").mkdir()
+    http = client(dirs)
+    assert 'data-run="mix-sweep"' not in http.get("/").text  # a sweep is not listed as a run
+    page = http.get("/compare", params={"sweep": "mix-sweep"}).text
+    row = re.search(r"<tr><td>language=en</td>(.*?)</tr>", page, re.S).group(1)
+    assert "<b>-7.5</b> [-12.5, -2.5]" in row and "<b>+2.5</b> [-2.5, +7.5]" in row
+    assert row.count("<td") == 3 and row.endswith(">—</td>")  # the cell pointing outside reads nothing

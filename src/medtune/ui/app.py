@@ -145,14 +145,28 @@ class _Pages:
 
     async def compare_page(self, request: Request) -> Response:
         names = [r.name for r in runs.list_runs(self.settings.runs_dir)]
+        sweeps = runs.list_sweeps(self.settings.runs_dir)
         a, b = request.query_params.get("a"), request.query_params.get("b")
+        sweep = request.query_params.get("sweep")
         result, error = None, None
         if a and b:
             try:
                 result = compare_runs(self.run_dir(a), self.run_dir(b))
             except MedtuneError as exc:
                 error = str(exc)
-        return self.render(request, "compare.html", names=names, a=a, b=b, result=result, error=error)
+        view = runs.sweep_view(self.settings.runs_dir / sweep) if sweep in sweeps else None
+        return self.render(
+            request,
+            "compare.html",
+            names=names,
+            a=a,
+            b=b,
+            result=result,
+            error=error,
+            sweeps=sweeps,
+            sweep=sweep,
+            view=view,
+        )
 
     async def launch_page(self, request: Request) -> Response:
         configs = config_files(self.settings.configs_dir)

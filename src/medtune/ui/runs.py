@@ -19,6 +19,7 @@ from medtune.manifest import read_manifest
 from medtune.ui.launch import is_running, log_tail, read_launch
 
 STAGES = ("prepare", "train", "eval", "report")
+SWEEP_FILE = "sweep.json"  # what `medtune sweep` writes at the top of its folder
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 TOTAL_STEPS_IN_LOG = re.compile(r"(\d+) steps, world size")
 
@@ -50,7 +51,13 @@ class RunSummary:
 
 def is_run_dir(path: Path) -> bool:
     """A folder the pipeline or the dashboard wrote into (a stage folder or the dashboard's ui/)."""
-    return path.is_dir() and any((path / part).is_dir() for part in (*STAGES, "ui"))
+    if not path.is_dir() or is_sweep_dir(path):
+        return False
+    return any((path / part).is_dir() for part in (*STAGES, "ui"))
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / SWEEP_FILE).is_file()
 
 
 def list_runs(runs_dir: Path) -> list[RunSummary]:
@@ -195,3 +202,31 @@ def exports(run_dir: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if (p / "export.json").is_file())
+
+
+def list_sweeps(runs_dir: Path) -> list[str]:
+    return sorted(p.name for p in runs_dir.iterdir() if RUN_NAME.match(p.name) and is_sweep_dir(p))
+
+
+def sweep_view(sweep_dir: Path) -> dict[str, Any]:
+    """Each cell's tuned model against the sweep's base, per group: the forgetting view across ratios.
+
+    Rows are groups, columns are cells (ratio, seed); a cell is the group's paired delta vs the base
+    (pp, bootstrap CI, McNemar p) from the cell's `eval/compare.json`, None where it has none.
+    """
+    record = read_json(sweep_dir / SWEEP_FILE) or {}
+    cells = record.get("cells") or []
+    compared = []
+    for cell in cells:
+        path = (sweep_dir / str(cell.get("compare", ""))).resolve()
+        inside = path.is_relative_to(sweep_dir.resolve())
+        compared.append(((read_json(path) if inside else None) or {}).get("groups") or {})
+    groups = sorted({g for c in compared for g in c}, key=lambda g: (g != "all", g))
+    return {
+        "cells": [
+            {"label": f"{c.get('ratio_label')} seed {c.get('seed')}", "status": c.get("status")}
+            for c in cells
+        ],
+        "rows": [(g, [c.get(g) for c in compared]) for g in groups],
+        "recommendation": record.get("recommendation"),
+    }
