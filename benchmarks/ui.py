@@ -4,7 +4,9 @@ The claim (issue #20): the dashboard starts in under 2 seconds and a Runs page o
 in under 1 second. Start-up is timed from launching `python -m medtune ui` to its first answered
 request; the page is timed over HTTP against that same server, with 100 synthetic run folders
 (finished stages, a manifest, training metrics; a third of them mid-training) under `--runs`.
-Median of several repeats; a table on stdout and `benchmarks/results/ui.json`.
+The baseline in the same run is `medtune --help`: the CLI's own import floor, which every verb pays.
+Median of several repeats; a table on stdout and `benchmarks/results/ui.json`, with the machine's
+load average (on a shared machine, every figure scales with it).
 
     python benchmarks/ui.py [--runs 100] [--repeats 5]
 """
@@ -64,6 +66,14 @@ def start_server(runs_dir: Path, configs_dir: Path) -> tuple[subprocess.Popen, s
             time.sleep(0.02)
 
 
+def time_cli_help() -> float:
+    """The baseline: `medtune --help`, i.e. importing the CLI, which `medtune ui` does first."""
+    env = os.environ | {"PYTHONPATH": str(REPO / "src")}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "medtune", "--help"], env=env, capture_output=True, check=True)
+    return time.perf_counter() - started
+
+
 def time_page(url: str) -> float:
     started = time.perf_counter()
     body = urllib.request.urlopen(url, timeout=60).read()
@@ -81,8 +91,10 @@ def main() -> None:
         runs_dir, configs_dir = Path(tmp) / "runs", Path(tmp) / "configs"
         configs_dir.mkdir()
         make_runs(runs_dir, args.runs)
-        startups, pages = [], []
+        startups, pages, helps = [], [], []
+        load = os.getloadavg()[0]
         for _ in range(args.repeats):
+            helps.append(time_cli_help())
             server, url, seconds = start_server(runs_dir, configs_dir)
             try:
                 startups.append(seconds)
@@ -93,16 +105,19 @@ def main() -> None:
     result = {
         "machine": cpu_name(),
         "python": sys.version.split()[0],
+        "load_average_1m_at_start": round(load, 2),
         "runs": args.runs,
         "repeats": args.repeats,
+        "cli_help_s_median": round(statistics.median(helps), 3),
         "startup_s_median": round(statistics.median(startups), 3),
         "startup_s_all": [round(s, 3) for s in startups],
         "runs_page_s_median": round(statistics.median(pages), 4),
         "runs_page_s_all": [round(s, 4) for s in pages],
         "claim": {"startup_s": 2.0, "runs_page_s": 1.0},
     }
-    print(f"medtune ui | {result['machine']}")
+    print(f"medtune ui | {result['machine']} | load average {load:.1f}")
     print(f"{'measure':<40} {'median s':>9} {'claim s':>8}")
+    print(f"{'baseline: medtune --help':<40} {result['cli_help_s_median']:>9.3f} {'':>8}")
     print(f"{'start-up until it answers':<40} {result['startup_s_median']:>9.3f} {2.0:>8.1f}")
     print(f"{'Runs page, ' + str(args.runs) + ' runs':<40} {result['runs_page_s_median']:>9.4f} {1.0:>8.1f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
