@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,23 @@ def test_compare_shows_a_sweep_cell_by_cell_against_the_base(dirs: tuple[Path, P
     row = re.search(r"<tr><td>language=en</td>(.*?)</tr>", page, re.S).group(1)
     assert "<b>-7.5</b> [-12.5, -2.5]" in row and "<b>+2.5</b> [-2.5, +7.5]" in row
     assert row.count("<td") == 3 and row.endswith(">—</td>")  # the cell pointing outside reads nothing
+
+
+@pytest.mark.slow
+def test_a_launched_run_that_errors_is_failed_with_its_log(dirs: tuple[Path, Path]) -> None:
+    """Start from the Launch page: `medtune run` in a subprocess; the stand-in model makes it exit 2."""
+    http = client(dirs)
+    token = csrf_of(http.get("/launch").text)
+    text = (dirs[1] / "quick.yaml").read_text()
+    form = {"config": "quick.yaml", "text": text, "name": "r1", "action": "start", "csrf": token}
+    response = http.post("/launch", data=form, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/runs/r1"
+    exit_file = dirs[0] / "r1" / "ui" / "exit.json"
+    deadline = time.monotonic() + 120
+    while not exit_file.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert json.loads(exit_file.read_text())["returncode"] == 2
+    page = http.get("/runs/r1").text
+    assert '<span class="status failed" id="status">failed</span>' in page
+    assert "error:" in page and "output.dir=" in page  # the log's command line and error
+    assert http.post("/runs/r1/stop", data={"csrf": token}).status_code == 409  # not running
