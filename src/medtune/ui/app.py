@@ -26,7 +26,7 @@ from starlette.templating import Jinja2Templates
 
 from medtune.errors import MedtuneError
 from medtune.ui import launch, runs
-from medtune.ui.configs import ConfigProblem, config_files, errors_by_line, validate_text
+from medtune.ui.configs import ConfigProblem, allowed_config, config_files, errors_by_line, validate_text
 from medtune.ui.security import CSRF_FIELD, Guard, PathRefused, contained
 
 HERE = Path(__file__).resolve().parent
@@ -170,44 +170,36 @@ class _Pages:
 
     async def launch_page(self, request: Request) -> Response:
         configs = config_files(self.settings.configs_dir)
-        if request.method == "GET":
-            chosen = request.query_params.get("config") or (configs[0] if configs else "")
-            text = self._config_text(chosen) if chosen else ""
-            return self.render(request, "launch.html", configs=configs, chosen=chosen, text=text, name="")
+        if request.method == "POST":
+            return await self._launch(request, configs)
+        chosen = request.query_params.get("config") or (configs[0] if configs else "")
+        text = self._config_text(chosen) if chosen else ""
+        return self.render(request, "launch.html", configs=configs, chosen=chosen, text=text, name="")
+
+    async def _launch(self, request: Request, configs: list[str]) -> Response:
+        """Validate (and with action=start, start) the submitted config; problems shown at their keys."""
         form = await request.form()
         chosen, text = str(form.get("config", "")), str(form.get("text", ""))
-        name, action = str(form.get("name", "")).strip(), str(form.get("action", "validate"))
+        name, start = str(form.get("name", "")).strip(), form.get("action") == "start"
+        status, problems, message = 200, [], "valid: ready to start"
         try:
-            run_dir = self._new_run_dir(name) if action == "start" else None
-            config = validate_text(self.settings.configs_dir, chosen, text, name, save=run_dir is not None)
+            run_dir = self._new_run_dir(name) if start else None
+            config = validate_text(self.settings.configs_dir, chosen, text, name, save=start)
             if run_dir is not None:
                 launch.start_run(config, run_dir)
                 return RedirectResponse(f"/runs/{name}", status_code=303)
-            status, problems, message = 200, [], "valid: ready to start"
         except ConfigProblem as exc:
             status, problems, message = 422, exc.problems or [(None, str(exc))], str(exc)
         except MedtuneError as exc:  # a path outside the allowed folder, a run already running
-            status, problems, message = (
-                403 if isinstance(exc, PathRefused) else 409,
-                [(None, str(exc))],
-                str(exc),
-            )
-        return self.render(
-            request,
-            "launch.html",
-            status_code=status,
-            configs=configs,
-            chosen=chosen,
-            text=text,
-            name=name,
-            message=message,
-            problems=problems,
-            lines=errors_by_line(text, problems),
-        )
+            status = 403 if isinstance(exc, PathRefused) else 409
+            problems, message = [(None, str(exc))], str(exc)
+        context = {"configs": configs, "chosen": chosen, "text": text, "name": name, "message": message}
+        lines = errors_by_line(text, problems)
+        return self.render(request, "launch.html", status, problems=problems, lines=lines, **context)
 
     def _config_text(self, chosen: str) -> str:
         try:
-            return contained(self.settings.configs_dir, chosen).read_text(encoding="utf-8")
+            return allowed_config(self.settings.configs_dir, chosen).read_text(encoding="utf-8")
         except (PathRefused, OSError) as exc:
             raise HTTPException(403 if isinstance(exc, PathRefused) else 404, str(exc)) from None
 
