@@ -8,6 +8,7 @@ Set MEDTUNE_UI_SCREENSHOT=docs/ui.png to also save the Run page as the README's 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,7 +34,7 @@ def browser_config(folder: Path, model_dir: Path) -> Path:
         source["limit"] = 16
     body["model"]["path"] = str(model_dir)
     body["packing"]["max_seq_len"] = 192
-    body["train"].update(max_steps=12, save_every=1, micro_batch_size=1, grad_accum=1, warmup_steps=1)
+    body["train"].update(max_steps=16, save_every=1, micro_batch_size=1, grad_accum=1, warmup_steps=1)
     body["eval"].update(max_items=8, nll=False)  # the held-out NLL scores every eval record: minutes
     path = folder / "browser.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False, allow_unicode=True), encoding="utf-8")
@@ -135,11 +136,9 @@ def test_launch_watch_stop_resume_report_compare(dashboard, chromium) -> None:
     expect(page.locator("#status")).to_have_text("stopped", timeout=60_000)
     assert not (runs / "run-a" / "train" / "run.json").exists()
     assert list((runs / "run-a" / "train" / "checkpoints").iterdir())
-    stopped_at = max(
-        int(line.split('"step": ')[1].split(",")[0])
-        for line in (runs / "run-a" / "train" / "metrics.jsonl").read_text().splitlines()
-    )
-    assert stopped_at < 12
+    metrics = (runs / "run-a" / "train" / "metrics.jsonl").read_text().splitlines()
+    stopped_at = max(json.loads(line)["step"] for line in metrics)
+    assert stopped_at < 16
 
     # Resume continues from the checkpoint to the end: eval, then the report.
     page.click("#resume")
