@@ -103,8 +103,20 @@ def launch(page, url: str, name: str, edit: tuple[str, str] | None = None) -> No
     page.wait_for_url(f"{url}/runs/{name}")
 
 
-def loss_points(page) -> int:
-    return int(page.locator("#loss-curve polyline").get_attribute("data-points") or 0)
+def wait_for_loss_points(page, more_than: int, timeout_s: float) -> int:
+    """Wait until the loss curve has more than `more_than` points; the page may reload meanwhile."""
+    from playwright.sync_api import Error
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            points = page.evaluate("+document.querySelector('#loss-curve polyline')?.dataset.points || 0")
+        except Error:  # evaluated during a reload (a stage finished)
+            points = 0
+        if points > more_than:
+            return points
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the loss curve did not grow past {more_than} points in {timeout_s} s")
 
 
 @pytest.mark.slow
@@ -119,14 +131,9 @@ def test_launch_watch_stop_resume_report_compare(dashboard, chromium) -> None:
     expect(page.locator("#status")).to_have_text("running")
 
     # The loss curve gains points while training runs, without the page reloading.
-    page.evaluate("window.notReloaded = true")
-    page.wait_for_function(
-        "() => +document.querySelector('#loss-curve polyline')?.dataset.points >= 1", timeout=RUN_WAIT_MS
-    )
-    first = loss_points(page)
-    page.wait_for_function(
-        f"() => +document.querySelector('#loss-curve polyline').dataset.points > {first}", timeout=60_000
-    )
+    first = wait_for_loss_points(page, 0, RUN_WAIT_MS / 1000)
+    page.evaluate("window.notReloaded = true")  # the page reloads when a stage finishes, not per step
+    wait_for_loss_points(page, first, 90)
     assert page.evaluate("window.notReloaded") is True
     if os.environ.get("MEDTUNE_UI_SCREENSHOT"):
         page.screenshot(path=os.environ["MEDTUNE_UI_SCREENSHOT"], full_page=False)

@@ -54,12 +54,12 @@
       draw("lr-curve", "lr");
       document.getElementById("last-step").textContent = rows[rows.length - 1].step;
     }
-    const status = document.getElementById("status");
-    if (status.textContent !== data.status) {
-      location.reload(); // the stage or status changed: buttons and tables on the page are stale
+    const status = document.getElementById("status").textContent;
+    const stage = document.getElementById("stage").textContent;
+    if (status !== data.status || stage !== data.stage) {
+      location.reload(); // a stage finished or the run ended: the tables and buttons are stale
       return;
     }
-    document.getElementById("stage").textContent = data.stage;
     if (data.status === "running") setTimeout(poll, 1000);
   }
   poll();
