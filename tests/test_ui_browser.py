@@ -120,7 +120,7 @@ def wait_for_loss_points(page, more_than: int, timeout_s: float) -> int:
 
 
 @pytest.mark.slow
-def test_launch_watch_stop_resume_report_compare(dashboard, chromium) -> None:
+def test_launch_watch_stop_resume_report_compare(chromium, dashboard) -> None:
     from playwright.sync_api import expect
 
     url, runs = dashboard
