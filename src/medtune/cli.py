@@ -434,6 +434,30 @@ def chat(
     run_chat(target, max_new_tokens=max_new_tokens, output=console, temperature=temperature)
 
 
+# ---------------------------------------------------------------- dashboard
+
+
+@app.command()
+def ui(
+    runs: Annotated[
+        Path, typer.Option(help="Folder whose run folders the dashboard shows and writes.")
+    ] = Path("runs"),
+    configs: Annotated[Path, typer.Option(help="The only folder the Launch page reads configs from.")] = Path(
+        "examples"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 7860,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; any but 127.0.0.1 requires the printed token.")
+    ] = "127.0.0.1",
+) -> None:
+    """A local web dashboard: runs, live training curves, data and eval tables, compare, launch."""
+    from medtune.ui.app import serve
+
+    if not configs.is_dir():
+        raise MedtuneError(f"--configs: {configs} is not a folder")
+    serve(runs, configs, host, port)
+
+
 # ---------------------------------------------------------------- entry point
 
 
