@@ -107,9 +107,9 @@ def test_train_eval_and_chat_see_the_same_prompt_tokens(tmp_path, chat_template:
     are MCQA records, scored by letter."""
     from transformers import AutoTokenizer
 
-    from medtune.evaluate.score import build_items, encode_prompts
+    from medtune.evaluate.prompts import build_items
     from medtune.format import encode_prompt as train_prompt_ids
-    from medtune.format import render_prompt, tokenize_example
+    from medtune.format import encode_prompts, render_prompt, tokenize_example
     from medtune.model.tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "m", "llama", chat_template=chat_template)
@@ -120,7 +120,7 @@ def test_train_eval_and_chat_see_the_same_prompt_tokens(tmp_path, chat_template:
     nll = tokenize_example(instruction, tok, cfg)["input_ids"][: len(train)]  # evaluate/nll.py's path
     assert chat[0].tolist() == train == nll
     (item,) = build_items([mcqa], tok, cfg)
-    assert encode_prompts(tok, [item["prompt"]])[0] == train_prompt_ids(render_prompt(mcqa, tok, cfg), tok)
+    assert encode_prompts([item["prompt"]], tok)[0] == train_prompt_ids(render_prompt(mcqa, tok, cfg), tok)
 
 
 def test_chat_template_prompt_ends_where_the_assistant_speaks(tiny_llama_dir, tiny_gemma_dir):

@@ -12,8 +12,12 @@ from medtune.data.schema import Record
 from medtune.errors import ConfigError
 from medtune.format import (
     IGNORE_INDEX,
+    encode_like_harness,
+    encode_pairs,
     encode_prompt,
+    encode_prompts,
     end_of_turn_text,
+    join_prompts,
     render_prompt,
     render_target,
     tokenize_example,
@@ -195,3 +199,46 @@ def test_label_count_matches_target_length(tokenizers, question, answer, train_o
     n_targets = sum(label != IGNORE_INDEX for label in ex["labels"])
     n_prompt = len(encode_prompt(render_prompt(record, tok, cfg), tok))
     assert n_targets == (len(ex["input_ids"]) - 1 if train_on_prompt else len(ex["input_ids"]) - n_prompt)
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_encode_prompts_keeps_one_bos_whether_or_not_the_text_carries_it(tokenizers, name):
+    """The batched prompt rule is the single-text rule: BOS first and once, with or without the BOS
+    string a chat template writes into the text."""
+    tok = tokenizers[name]
+    texts = [render_prompt(r, tok, PackingConfig()) for r in RECORDS]
+    texts += [tok.bos_token + "Question: fever?\nAnswer:", "Question: fever?\nAnswer:"]
+    rows = encode_prompts(texts, tok)
+    assert rows == [encode_prompt(t, tok) for t in texts]
+    assert all(row[0] == tok.bos_token_id and row.count(tok.bos_token_id) == 1 for row in rows)
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_joined_k_shot_prompt_encodes_with_one_bos(tokenizers, name):
+    """k-shot prompts are several rendered prompts in one text: joined, only the first keeps BOS."""
+    tok = tokenizers[name]
+    parts = [render_prompt(r, tok, PackingConfig()) for r in (make_record(), KO_MCQA)]
+    joined = join_prompts(parts, tok)
+    assert joined.endswith(parts[1].removeprefix(tok.bos_token)) and joined.startswith(parts[0])
+    assert encode_prompt(joined, tok).count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_harness_rule_agrees_with_the_training_rule_on_rendered_prompts(tokenizers, name):
+    """Option log-likelihood and generation encode by lm-evaluation-harness's rule; on these
+    tokenizers (a "BOS + text" post-processor) it must give the very ids training reads."""
+    tok = tokenizers[name]
+    for template in ("auto", "plain"):
+        texts = [render_prompt(r, tok, PackingConfig(template=template)) for r in RECORDS]
+        assert encode_like_harness(texts, tok) == encode_prompts(texts, tok)
+
+
+def test_encode_pairs_moves_trailing_space_to_the_continuation(tokenizers):
+    """lm-evaluation-harness `_encode_pair`: context ids + continuation ids is the whole text's
+    encoding, and a context's trailing space is scored as part of the continuation."""
+    tok = tokenizers["llama"]
+    pairs = [("Question: fever?\nAnswer:", " aspirin"), ("Question: fever?\nAnswer: ", "aspirin")]
+    (ctx_a, cont_a), (ctx_b, cont_b) = encode_pairs(pairs, tok)
+    assert ctx_a == ctx_b and cont_a == cont_b
+    assert ctx_a + cont_a == encode_like_harness(["Question: fever?\nAnswer: aspirin"], tok)[0]
+    assert tok.decode(cont_a) == " aspirin"

@@ -162,25 +162,3 @@ def paired_delta(a: np.ndarray, b: np.ndarray, n_samples: int, seed: int) -> dic
         "significant": not lo <= 0.0 <= hi,
         "b_lower_share": float(np.mean(b < a)),
     }
-
-
-def nll_rows(nll: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the held-out NLL table in `metrics.json["nll"]`: one column per model, then
-    tuned - base with its paired CI, marked "n.s." where the CI includes 0."""
-    labels = [k for k in ("base", "tuned") if k in nll]
-    header = ["group", "n", *[f"{label} NLL [95% CI]" for label in labels]]
-    pairs = nll.get("tuned_vs_base")
-    if pairs:
-        header.append("tuned - base [paired 95% CI]")
-    rows = []
-    for group, g in nll[labels[0]].items():
-        row = [group, str(g["n"])]
-        for label in labels:
-            t = nll[label][group]
-            row.append(f"{t['nll']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]")
-        if pairs and group in pairs:
-            d = pairs[group]
-            verdict = "" if d["significant"] else " n.s."
-            row.append(f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{verdict}")
-        rows.append(row)
-    return header, rows
