@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig
 from medtune.data.schema import Record
 from medtune.evaluate import score as S
 from medtune.evaluate.answers import extract_answer
@@ -78,7 +78,7 @@ def _plain_logprobs(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("template", ["plain", "chat"])
 def test_letter_scores_equal_hand_computed_softmax(llama, template: str) -> None:
     model, tok = llama
-    cfg = PackingConfig(template=template)
+    cfg = FormatConfig(template=template)
     items = build_items(RECORDS[:5], tok, cfg)
     # the target convention from medtune.format: " B" after "Answer:", "B" after a chat header
     assert items[0]["targets"][1] == (" B" if template == "plain" else "B")
@@ -111,7 +111,7 @@ def test_shared_leading_tokens_move_into_the_prompt(llama) -> None:
 
 def test_loglik_equals_hand_computed_sum(llama) -> None:
     model, tok = llama
-    items = build_items(RECORDS[:2], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:2], tok, FormatConfig(template="plain"))
     pairs = [p for it in items for p in S.option_pairs(it)]
     assert pairs[0][1].startswith(" ")  # harness-style " <option>" after "Answer:"
     got = S.loglik_scores(model, tok, pairs, batch_size=5)
@@ -126,7 +126,7 @@ def test_loglik_equals_hand_computed_sum(llama) -> None:
 
 def test_acc_norm_divides_by_option_characters(llama) -> None:
     model, tok = llama
-    items = build_items(RECORDS[:3], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:3], tok, FormatConfig(template="plain"))
     for res, item in zip(S.score_chunk(model, tok, items, "loglik", 4), items, strict=True):
         norm = [s / len(o) for s, o in zip(res["scores"], item["record"]["options"], strict=True)]
         assert res["predicted_norm"] == "ABCDE"[norm.index(max(norm))]
@@ -137,7 +137,7 @@ def test_acc_norm_divides_by_option_characters(llama) -> None:
 @pytest.mark.parametrize("mode", ["letter", "loglik"])
 def test_batched_equals_unbatched(request, arch: str, mode: str) -> None:
     model, tok = request.getfixturevalue(arch)
-    items = build_items(RECORDS[:8], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:8], tok, FormatConfig(template="plain"))
     one = S.score_items(model, tok, items, mode, batch_size=1)
     many = S.score_items(model, tok, items, mode, batch_size=5)
     for a, b in zip(one, many, strict=True):
@@ -182,7 +182,7 @@ def test_length_batches_cover_every_row_once_with_little_padding() -> None:
 def test_predictions_stream_in_input_order_and_are_deterministic(llama, tmp_path: Path) -> None:
     model, tok = llama
     records = [*RECORDS, make_record(99, answer="F"), make_record(98, answer=None)]
-    items = build_items(records, tok, PackingConfig(template="plain"))
+    items = build_items(records, tok, FormatConfig(template="plain"))
     S.score_items(model, tok, items, "letter", 4, tmp_path / "a.jsonl")
     S.score_items(model, tok, items, "letter", 4, tmp_path / "b.jsonl")
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
@@ -198,7 +198,7 @@ def test_predictions_stream_in_input_order_and_are_deterministic(llama, tmp_path
 
 def test_generate_mode_runs_and_reports_unanswered(llama) -> None:
     model, tok = llama
-    items = build_items(RECORDS[:4], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:4], tok, FormatConfig(template="plain"))
     res = S.score_items(model, tok, items, "generate", batch_size=2, max_new_tokens=4)
     assert all(r["status"] in ("ok", "unanswered") for r in res)
     for r in res:
@@ -247,8 +247,8 @@ def test_k_shot_prompt_contains_examples_and_one_bos(llama) -> None:
     _, tok = llama
     pool = [make_record(200 + i, "en", source="s") for i in range(5)]
     for template in ("plain", "chat"):
-        item = build_items([RECORDS[0]], tok, PackingConfig(template=template), k_shot=2, pool=pool)[0]
-        zero = build_items([RECORDS[0]], tok, PackingConfig(template=template))[0]
+        item = build_items([RECORDS[0]], tok, FormatConfig(template=template), k_shot=2, pool=pool)[0]
+        zero = build_items([RECORDS[0]], tok, FormatConfig(template=template))[0]
         assert item["prompt"].endswith(zero["prompt"].removeprefix(tok.bos_token))
         assert item["prompt"].count(tok.bos_token) <= 1
         assert sum(q["question"] in item["prompt"] for q in pool) == 2

@@ -371,7 +371,7 @@ def eval_case(case: Case, model_dir: Path, scale: Scale) -> dict[str, Any]:
     cfg = run_config(case, model_dir, scale)
     reset_peak(scale)
     model, tokenizer = load_model_for_inference(cfg)
-    items = build_items(synthetic_records(scale.eval_items), tokenizer, cfg.packing)
+    items = build_items(synthetic_records(scale.eval_items), tokenizer, cfg.format)
     letter_scores(model, tokenizer, items[: scale.eval_batch], scale.eval_batch)  # warm-up
     started = time.perf_counter()
     scores = letter_scores(model, tokenizer, items, scale.eval_batch)

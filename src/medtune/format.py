@@ -27,7 +27,7 @@ from typing import TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig
 from medtune.data.schema import LETTERS, Record
 from medtune.errors import ConfigError
 
@@ -60,20 +60,20 @@ class Example(TypedDict):
     labels: list[int]
 
 
-def prompt_language(record: Record, cfg: PackingConfig) -> str:
+def prompt_language(record: Record, cfg: FormatConfig) -> str:
     """`ko` or `en`: the wording used for this record (Korean only for Korean records under `auto`)."""
     if cfg.prompt_language != "auto":
         return cfg.prompt_language
     return "ko" if record["language"] == "ko" else "en"
 
 
-def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> bool:
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> bool:
     """Whether prompts go through the tokenizer's chat template (`template: auto` and one exists)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if cfg.template == "chat" and not has_template:
         name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ConfigError(
-            f"packing.template: 'chat' but {name} has no chat template; use packing.template: auto or plain"
+            f"format.template: 'chat' but {name} has no chat template; use format.template: auto or plain"
         )
     return has_template and cfg.template != "plain"
 
@@ -95,7 +95,7 @@ def _user_text(record: Record, words: dict[str, str]) -> str:
     return (record.get("prompt") or record["question"]).strip()
 
 
-def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> str:
+def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> str:
     """Everything the model sees before the answer, ending where the answer's first token goes.
 
     Chat path: the chat template with the user turn and `add_generation_prompt=True` (the text may
@@ -113,7 +113,7 @@ def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: Packi
 
 
 def render_conversation(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig
 ) -> str:
     """A chat (`[{role, content}]`, ending with the user) in the format training used, up to the reply.
 
@@ -134,7 +134,7 @@ def render_conversation(
     return "\n\n".join(parts)
 
 
-def _message_language(text: str, cfg: PackingConfig) -> str:
+def _message_language(text: str, cfg: FormatConfig) -> str:
     """The instruction wording for a chat message: as `prompt_language` picks it for a record."""
     from medtune.data.langid import detect_language
 
@@ -143,7 +143,7 @@ def _message_language(text: str, cfg: PackingConfig) -> str:
     return "ko" if detect_language(text) == "ko" else "en"
 
 
-def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> str:
+def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> str:
     """What closes the answer: the chat template's end-of-turn marker, else the EOS token.
 
     The marker is read off the template itself (render a model turn, take what follows its content),
@@ -160,9 +160,7 @@ def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> 
     return tokenizer.eos_token or ""
 
 
-def render_target(
-    record: Record, cfg: PackingConfig, tokenizer: PreTrainedTokenizerBase | None = None
-) -> str:
+def render_target(record: Record, cfg: FormatConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The answer text trained on, without the end-of-turn marker (`tokenize_example` adds it).
 
     MCQA: the gold letter, then a newline and the explanation when `include_explanation` and one
@@ -235,7 +233,7 @@ def encode_answers(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> 
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def encode_target(text: str, tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> list[int]:
+def encode_target(text: str, tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> list[int]:
     """Token ids of the answer followed by the end-of-turn marker (or EOS), no BOS."""
     ids = encode_answers([text], tokenizer)[0]
     end = end_of_turn_text(tokenizer, cfg)
@@ -311,7 +309,7 @@ def shifted_labels(input_ids: list[int], num_prompt: int, train_on_prompt: bool)
     return labels
 
 
-def tokenize_example(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> Example:
+def tokenize_example(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> Example:
     """Prompt ids + target ids (tokenized apart, then joined) with pre-shifted labels."""
     prompt_ids = encode_prompt(render_prompt(record, tokenizer, cfg), tokenizer)
     target_ids = encode_target(render_target(record, cfg, tokenizer), tokenizer, cfg)

@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from medtune.config import FormatConfig
 from medtune.data.schema import LETTERS, Record
 from medtune.evaluate.answers import gold_is_valid
 from medtune.format import join_prompts, render_prompt, render_target
@@ -31,7 +32,7 @@ class McqaItem(TypedDict):
 def build_items(
     records: Sequence[Record],
     tokenizer: Any,
-    packing_cfg: Any,
+    fmt: FormatConfig,
     k_shot: int = 0,
     pool: Sequence[Record] = (),
     seed: int = 0,
@@ -40,7 +41,7 @@ def build_items(
 
     Targets are rendered without explanations: only the answer itself is scored.
     """
-    target_cfg = packing_cfg.model_copy(update={"include_explanation": False})
+    target_cfg = fmt.model_copy(update={"include_explanation": False})
 
     def target(record: Record, letter: str) -> str:
         return render_target({**record, "answer": letter, "explanation": None}, target_cfg, tokenizer)
@@ -51,8 +52,8 @@ def build_items(
         n_opt = max(len(record.get("options") or []), 2)
         targets = [target(record, L) for L in LETTERS[:n_opt]]
         shots = select_shots(record, index, k_shot, seed) if index is not None else []
-        parts = [render_prompt(s, tokenizer, packing_cfg) + target(s, s["answer"]) + "\n\n" for s in shots]
-        prompt = join_prompts([*parts, render_prompt(record, tokenizer, packing_cfg)], tokenizer)
+        parts = [render_prompt(s, tokenizer, fmt) + target(s, s["answer"]) + "\n\n" for s in shots]
+        prompt = join_prompts([*parts, render_prompt(record, tokenizer, fmt)], tokenizer)
         items.append({"record": record, "prompt": prompt, "targets": targets})
     return items
 

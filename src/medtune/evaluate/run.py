@@ -100,7 +100,7 @@ def score_model(
     from medtune.model.load import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(cfg, adapter_dir)
-    items = build_items(records, tokenizer, cfg.packing, cfg.eval.k_shot, pool, cfg.seed)
+    items = build_items(records, tokenizer, cfg.format, cfg.eval.k_shot, pool, cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_bar(f"eval {label} ({cfg.eval.mode})", total=len(items)) as advance:
         results = score_items(
@@ -115,7 +115,9 @@ def score_model(
         )
     if nll_records is not None:
         with progress_bar(f"held-out NLL {label}", total=len(nll_records)) as advance:
-            rows = score_nll(model, tokenizer, nll_records, cfg.packing, _steps(advance), cfg.eval.nll_scope)
+            rows = score_nll(
+                model, tokenizer, nll_records, cfg.format, cfg.packing, _steps(advance), cfg.eval.nll_scope
+            )
         write_nll(rows, out_dir / "nll.jsonl")
     del model
     gc.collect()
