@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medtune.config_load import explain, move_format_keys, resolve_paths, set_dotted
+from medtune.config_load import explain, move_format_keys, read_yaml_config, resolve_paths, set_dotted
 from medtune.errors import ConfigError
 
 Language = Literal["ko", "en", "mixed", "other"]
@@ -438,16 +438,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     config works from any working directory. `overrides` maps dotted keys to values (`train.lr`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an int past 4300 digits
-        raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_config(path)
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
     cfg = validate_config(raw, where=str(path))

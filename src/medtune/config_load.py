@@ -1,5 +1,5 @@
-"""The steps around validating a run config: dotted overrides, keys that moved section, relative
-paths, and error messages that name the key and suggest the fix.
+"""The steps around validating a run config: reading the YAML, dotted overrides, keys that moved
+section, relative paths, and error messages that name the key and suggest the fix.
 
 Kept apart from `medtune.config` (the sections and their defaults) so that file reads as the schema.
 Nothing here imports `medtune.config` at run time: the config model is passed in where it is needed.
@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from medtune.errors import ConfigError
@@ -23,6 +24,21 @@ log = logging.getLogger(__name__)
 _WARNED: set[str] = set()
 """Moved keys already reported in this process: a config is validated again by every stage, and
 every sweep cell, and one note per key is enough."""
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    """The config file's top-level mapping; ConfigError for a missing file, non-UTF-8 or invalid YAML."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an int past 4300 digits
+        raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def move_format_keys(raw: Any, keys: list[str]) -> Any:
