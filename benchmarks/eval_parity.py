@@ -32,9 +32,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from medtune.config import PackingConfig, SourceConfig  # noqa: E402
+from medtune.config import FormatConfig, SourceConfig  # noqa: E402
 from medtune.data.read import iter_source  # noqa: E402
 from medtune.evaluate import score as S  # noqa: E402
+from medtune.evaluate.prompts import build_items  # noqa: E402
 from medtune.model.tiny import build_tiny_model  # noqa: E402
 
 DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data"))
@@ -102,7 +103,7 @@ def main() -> int:
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = load_items(args.items)
-    items = S.build_items(records, tokenizer, PackingConfig(template=args.template))
+    items = build_items(records, tokenizer, FormatConfig(template=args.template))
     rows = []
     for name in ("medqa", "kormedmcqa"):
         subset = [it for it in items if it["record"]["source"] == name]

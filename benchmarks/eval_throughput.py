@@ -51,9 +51,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from medtune.config import PackingConfig, SourceConfig  # noqa: E402
+from medtune.config import FormatConfig, SourceConfig  # noqa: E402
 from medtune.data.read import iter_source  # noqa: E402
 from medtune.evaluate import score as S  # noqa: E402
+from medtune.evaluate.prompts import build_items  # noqa: E402
 from medtune.model.tiny import build_tiny_model  # noqa: E402
 
 DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data"))
@@ -224,7 +225,7 @@ def main() -> int:
         model_dir = args.model or build_tiny_model(Path(tmp) / "m", "llama", **MODEL)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         template = "plain" if args.model is None else "auto"
-        items = S.build_items(load_records(args.items), tokenizer, PackingConfig(template=template))
+        items = build_items(load_records(args.items), tokenizer, FormatConfig(template=template))
         results, n_params, vocab = {}, 0, 0
         for setting in args.settings.split(","):
             model = load_model(model_dir, compute_dtype(setting), args.vocab)

@@ -103,13 +103,13 @@ def tile_store(prepare: Path, model: Path, n: int) -> None:
     write_prepared(distinct, m)
     cfg = bench_config(distinct, model)
     small, _ = ensure_token_store(
-        distinct, cfg.model, cfg.packing, store_inputs(distinct, cfg.model, cfg.packing)
+        distinct, cfg.model, cfg.format, store_inputs(distinct, cfg.model, cfg.format)
     )
     store = open_token_store(small)
     whole = (np.asarray(store.ids), store.lengths, np.asarray(store.prompt_tokens))
     rest = n % m
     tail = (store.ids[: store.offsets[rest]], store.lengths[:rest], store.prompt_tokens[:rest])
-    inputs = store_inputs(prepare, cfg.model, cfg.packing)
+    inputs = store_inputs(prepare, cfg.model, cfg.format)
     write_token_store(store_path(prepare, inputs), inputs, [*([whole] * (n // m)), tail])
 
 
@@ -138,7 +138,7 @@ def measure(step: str, prepare: Path, model: Path, limit: int | None) -> dict[st
     rss0, wall0, cpu0 = rss_bytes(), time.perf_counter(), cpu_seconds()
     if step == "today":
         records = islice(read_prepared(prepare, "train"), limit)
-        examples = [tokenize_example(r, tokenizer, cfg.packing) for r in records]
+        examples = [tokenize_example(r, tokenizer, cfg.format) for r in records]
         examples = [e for e in examples if any(label != -100 for label in e["labels"])]
         lengths = [len(e["input_ids"]) for e in examples]
     else:

@@ -66,7 +66,7 @@ def today_examples(cfg: Any, prepare_dir: Path, info: Any = None) -> tuple[ListE
     from medtune.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    examples = [tokenize_example(r, tokenizer, cfg.packing) for r in read_prepared(prepare_dir, "train")]
+    examples = [tokenize_example(r, tokenizer, cfg.format) for r in read_prepared(prepare_dir, "train")]
     kept = ListExamples(e for e in examples if any(label != -100 for label in e["labels"]))
     return kept, len(examples) - len(kept)
 

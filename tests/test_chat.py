@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from rich.console import Console
 
-from medtune.chat import build_prompt, encode_prompt, run_chat
-from medtune.config import PackingConfig
+from medtune.chat import build_prompt, encode_prompt, load_chat_model, run_chat
+from medtune.config import FormatConfig
 from medtune.errors import RunDirError
 from tests.test_export import make_run
 
@@ -76,7 +77,7 @@ def test_plain_template_and_end_of_input(tmp_path):
     # The plain template training used (`render_prompt` of an instruction record), not "User: ...":
     # chat used to talk to plain-template models in a format they never saw.
     assert (
-        build_prompt(tok, [{"role": "user", "content": "안녕하세요"}], PackingConfig())
+        build_prompt(tok, [{"role": "user", "content": "안녕하세요"}], FormatConfig())
         == "안녕하세요\n\n답변:"
     )
     two = [
@@ -84,7 +85,7 @@ def test_plain_template_and_end_of_input(tmp_path):
         {"role": "assistant", "content": "Hello."},
         *[{"role": "user", "content": "Fever?"}],
     ]
-    assert build_prompt(tok, two, PackingConfig()) == "Hi\n\nResponse: Hello.\n\nFever?\n\nResponse:"
+    assert build_prompt(tok, two, FormatConfig()) == "Hi\n\nResponse: Hello.\n\nFever?\n\nResponse:"
     input_fn, _ = scripted(["안녕하세요, 열이 나요."])
     turns = run_chat(model_dir, max_new_tokens=5, input_fn=input_fn, output=Console(file=io.StringIO()))
     assert len(turns) == 1 and turns[0]["reply"]
@@ -107,20 +108,20 @@ def test_train_eval_and_chat_see_the_same_prompt_tokens(tmp_path, chat_template:
     are MCQA records, scored by letter."""
     from transformers import AutoTokenizer
 
-    from medtune.evaluate.score import build_items, encode_prompts
+    from medtune.evaluate.prompts import build_items
     from medtune.format import encode_prompt as train_prompt_ids
-    from medtune.format import render_prompt, tokenize_example
+    from medtune.format import encode_prompts, render_prompt, tokenize_example
     from medtune.model.tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "m", "llama", chat_template=chat_template)
-    tok, cfg = AutoTokenizer.from_pretrained(model_dir), PackingConfig()
+    tok, cfg = AutoTokenizer.from_pretrained(model_dir), FormatConfig()
     instruction, mcqa = _record("instruction"), _record("mcqa")
     train = train_prompt_ids(render_prompt(instruction, tok, cfg), tok)
     chat = encode_prompt(tok, [{"role": "user", "content": instruction["prompt"]}], cfg, 4096)
     nll = tokenize_example(instruction, tok, cfg)["input_ids"][: len(train)]  # evaluate/nll.py's path
     assert chat[0].tolist() == train == nll
     (item,) = build_items([mcqa], tok, cfg)
-    assert encode_prompts(tok, [item["prompt"]])[0] == train_prompt_ids(render_prompt(mcqa, tok, cfg), tok)
+    assert encode_prompts([item["prompt"]], tok)[0] == train_prompt_ids(render_prompt(mcqa, tok, cfg), tok)
 
 
 def test_chat_template_prompt_ends_where_the_assistant_speaks(tiny_llama_dir, tiny_gemma_dir):
@@ -131,8 +132,8 @@ def test_chat_template_prompt_ends_where_the_assistant_speaks(tiny_llama_dir, ti
         {"role": "assistant", "content": "Hello"},
         {"role": "user", "content": "두통"},
     ]
-    llama = build_prompt(AutoTokenizer.from_pretrained(tiny_llama_dir), messages, PackingConfig())
-    gemma = build_prompt(AutoTokenizer.from_pretrained(tiny_gemma_dir), messages, PackingConfig())
+    llama = build_prompt(AutoTokenizer.from_pretrained(tiny_llama_dir), messages, FormatConfig())
+    gemma = build_prompt(AutoTokenizer.from_pretrained(tiny_gemma_dir), messages, FormatConfig())
     assert llama.endswith("두통<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
     assert (
         gemma.endswith("두통<end_of_turn>\n<start_of_turn>model\n") and "<start_of_turn>model\nHello" in gemma
@@ -142,3 +143,24 @@ def test_chat_template_prompt_ends_where_the_assistant_speaks(tiny_llama_dir, ti
 def test_not_a_model_or_run_dir(tmp_path: Path):
     with pytest.raises(RunDirError, match="not a run directory"):
         run_chat(tmp_path, input_fn=lambda _: "/quit")
+
+
+@pytest.mark.parametrize("layout", ["packing section (older exports)", "format section"])
+def test_exported_model_chats_in_the_format_its_run_recorded(tmp_path: Path, layout: str) -> None:
+    """export.json's `prompt_format` holds the whole packing section in older exports and the format
+    section since: either way chat renders with the recorded template, not the default."""
+    from medtune.model.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "merged", "llama")  # has a chat template: auto would use it
+    recorded = {
+        "template": "plain",
+        "prompt_language": "en",
+        "train_on_prompt": False,
+        "include_explanation": True,
+    }
+    if layout.startswith("packing"):
+        recorded |= {"mode": "packed", "max_seq_len": 512, "padding": "longest", "overlong": "truncate"}
+    (model_dir / "export.json").write_text(json.dumps({"format": "merged", "prompt_format": recorded}))
+    _, tok, fmt = load_chat_model(model_dir)
+    assert fmt == FormatConfig(template="plain", prompt_language="en")
+    assert build_prompt(tok, [{"role": "user", "content": "두통"}], fmt) == "두통\n\nResponse:"

@@ -343,7 +343,7 @@ def test_run_eval_end_to_end(tiny_llama_dir: Path, tmp_path: Path) -> None:
             "model": {"path": str(tiny_llama_dir)},
             "quantization": {"mode": "none"},
             "data": {"eval": [{"path": str(prep / "eval.jsonl")}]},
-            "packing": {"template": "plain"},
+            "format": {"template": "plain"},
             "eval": {"max_items": 4, "batch_size": 3, "k_shot": 1},
         }
     )

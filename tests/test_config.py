@@ -57,6 +57,57 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
         load_config(write(tmp_path, body))
 
 
+# ------------------------------------------------------------- format: moved out of packing:
+
+FORMAT_KEYS = {
+    "template": "plain",
+    "prompt_language": "en",
+    "train_on_prompt": True,
+    "include_explanation": False,
+}
+
+
+@pytest.mark.parametrize(("key", "value"), FORMAT_KEYS.items())
+def test_old_packing_spelling_of_a_format_key_still_works_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, key: str, value: object
+) -> None:
+    import medtune.config_load
+
+    medtune.config_load._WARNED.clear()  # once per process: start this test's process-wide count afresh
+    old = {**BASE, "packing": {"max_seq_len": 64, key: value}}
+    with caplog.at_level("WARNING", logger="medtune"):
+        cfg, again = load_config(write(tmp_path, old)), load_config(write(tmp_path, old))
+    assert getattr(cfg.format, key) == value and cfg.packing.max_seq_len == 64
+    assert (
+        cfg
+        == again
+        == load_config(write(tmp_path, {**BASE, "format": {key: value}, "packing": {"max_seq_len": 64}}))
+    )
+    notes = [r.getMessage() for r in caplog.records if f"packing.{key}" in r.getMessage()]
+    assert len(notes) == 1 and f"format.{key}" in notes[0]
+
+
+def test_old_and_new_spelling_that_disagree_is_an_error_naming_both(tmp_path: Path) -> None:
+    body = {**BASE, "packing": {"template": "plain"}, "format": {"template": "chat"}}
+    with pytest.raises(ConfigError, match=r"packing\.template.*format\.template"):
+        load_config(write(tmp_path, body))
+    same = {**BASE, "packing": {"template": "plain"}, "format": {"template": "plain"}}
+    assert load_config(write(tmp_path, same)).format.template == "plain"
+
+
+def test_moving_format_keys_keeps_the_config_hash(tmp_path: Path) -> None:
+    """Finished stages are recognised by the config hash: the `format:` section hashes where its keys
+    lived before (under packing), so runs made before the move are neither redone nor refused."""
+    old = load_config(write(tmp_path, {**BASE, "packing": {"template": "plain", "max_seq_len": 64}}))
+    new = load_config(
+        write(tmp_path, {**BASE, "format": {"template": "plain"}, "packing": {"max_seq_len": 64}})
+    )
+    assert old.config_hash() == new.config_hash() != load_config(write(tmp_path, BASE)).config_hash()
+    flat = old.model_dump(mode="json")  # as an earlier run.json recorded it: one packing section
+    flat["packing"] |= flat.pop("format")
+    assert RunConfig.model_validate(flat).config_hash() == old.config_hash()
+
+
 # ---------------------------------------------------------------- hostile configs (hypothesis)
 
 HUGE_INT = "1" + "0" * 5000  # past Python's int/str digit limit

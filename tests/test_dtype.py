@@ -93,7 +93,7 @@ def test_bf16_loss_curve_follows_fp32(tmp_path: Path, tiny_llama_dir: Path) -> N
             tiny_llama_dir,
             model={"dtype": dtype},
             train={"max_steps": 30, "lr": 3e-2},
-            packing={"train_on_prompt": True},
+            format={"train_on_prompt": True},
         )
         train_in_process(cfg_path)
         curves[dtype] = torch.tensor([row["loss"] for row in metrics(tmp_path / dtype / "run")])

@@ -7,13 +7,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig
 from medtune.data.schema import Record
 from medtune.errors import ConfigError
 from medtune.format import (
     IGNORE_INDEX,
+    encode_like_harness,
+    encode_pairs,
     encode_prompt,
+    encode_prompts,
     end_of_turn_text,
+    join_prompts,
     render_prompt,
     render_target,
     tokenize_example,
@@ -84,7 +88,7 @@ TOKENIZER_NAMES = ["llama", "gemma3", "plain"]
 @pytest.mark.parametrize("record", RECORDS, ids=["en_mcqa", "ko_mcqa", "en_instr", "context"])
 def test_ids_equal_joint_tokenization_with_single_bos(tokenizers, name, record):
     """Tokenizing prompt and target apart must give the same ids as the whole text, BOS once."""
-    tok, cfg = tokenizers[name], PackingConfig()
+    tok, cfg = tokenizers[name], FormatConfig()
     ex = tokenize_example(record, tok, cfg)
     text = render_prompt(record, tok, cfg) + render_target(record, cfg, tok) + end_of_turn_text(tok, cfg)
     joint = tok(text, add_special_tokens=False)["input_ids"]
@@ -97,7 +101,7 @@ def test_ids_equal_joint_tokenization_with_single_bos(tokenizers, name, record):
 @pytest.mark.parametrize("name", TOKENIZER_NAMES)
 @pytest.mark.parametrize("record", RECORDS, ids=["en_mcqa", "ko_mcqa", "en_instr", "context"])
 def test_labels_are_preshifted_and_mask_the_prompt(tokenizers, name, record):
-    tok, cfg = tokenizers[name], PackingConfig()
+    tok, cfg = tokenizers[name], FormatConfig()
     ex = tokenize_example(record, tok, cfg)
     ids, labels = ex["input_ids"], ex["labels"]
     n_prompt = len(encode_prompt(render_prompt(record, tok, cfg), tok))
@@ -115,7 +119,7 @@ def test_labels_are_preshifted_and_mask_the_prompt(tokenizers, name, record):
 
 @pytest.mark.parametrize("name", TOKENIZER_NAMES)
 def test_train_on_prompt_labels_every_next_token(tokenizers, name):
-    tok, cfg = tokenizers[name], PackingConfig(train_on_prompt=True)
+    tok, cfg = tokenizers[name], FormatConfig(train_on_prompt=True)
     ex = tokenize_example(make_record(), tok, cfg)
     assert ex["labels"][:-1] == ex["input_ids"][1:]
     assert ex["labels"][-1] == IGNORE_INDEX
@@ -123,55 +127,55 @@ def test_train_on_prompt_labels_every_next_token(tokenizers, name):
 
 def test_leading_space_convention(tokenizers):
     """Plain template: `Answer:` + ` A`. Chat template: the model turn starts with `A`, no space."""
-    cfg = PackingConfig()
+    cfg = FormatConfig()
     assert render_target(make_record(), cfg, tokenizers["plain"]) == " A"
     assert render_target(make_record(), cfg, tokenizers["llama"]) == "A"
-    assert render_target(make_record(), PackingConfig(template="plain")) == " A"
-    assert render_target(make_record(), PackingConfig(template="chat")) == "A"
+    assert render_target(make_record(), FormatConfig(template="plain")) == " A"
+    assert render_target(make_record(), FormatConfig(template="chat")) == "A"
     with pytest.raises(ValueError, match="tokenizer"):
         render_target(make_record(), cfg)
 
 
 def test_template_plain_overrides_chat_template(tokenizers):
-    cfg = PackingConfig(template="plain")
+    cfg = FormatConfig(template="plain")
     prompt = render_prompt(make_record(), tokenizers["llama"], cfg)
     assert "<|start_header_id|>" not in prompt and prompt.endswith("\n\nAnswer:")
     assert not uses_chat_template(tokenizers["llama"], cfg)
 
 
 def test_template_chat_without_a_template_is_a_config_error(tokenizers):
-    with pytest.raises(ConfigError, match="packing.template"):
-        render_prompt(make_record(), tokenizers["plain"], PackingConfig(template="chat"))
+    with pytest.raises(ConfigError, match="format.template"):
+        render_prompt(make_record(), tokenizers["plain"], FormatConfig(template="chat"))
 
 
 @pytest.mark.parametrize("name", TOKENIZER_NAMES)
 def test_korean_wording_and_ascii_colon(tokenizers, name):
     tok = tokenizers[name]
-    ko = render_prompt(KO_MCQA, tok, PackingConfig())
-    en = render_prompt(make_record(), tok, PackingConfig())
+    ko = render_prompt(KO_MCQA, tok, FormatConfig())
+    en = render_prompt(make_record(), tok, FormatConfig())
     assert "다음 문제의 정답을 고르시오." in ko and "A. 복통\nB. 두통\nC. 기침" in ko
     assert "Answer the following" in en and "A. Epinephrine" in en
     assert "：" not in ko + en  # the full-width colon trap
     if name == "plain":
         assert ko.endswith("정답:") and en.endswith("Answer:")
-    forced = render_prompt(KO_MCQA, tok, PackingConfig(prompt_language="en"))
+    forced = render_prompt(KO_MCQA, tok, FormatConfig(prompt_language="en"))
     assert "Answer the following" in forced and "정답" not in forced
 
 
 def test_context_comes_before_question(tokenizers):
-    prompt = render_prompt(CONTEXT_MCQA, tokenizers["plain"], PackingConfig())
+    prompt = render_prompt(CONTEXT_MCQA, tokenizers["plain"], FormatConfig())
     assert prompt.index("Aspirin inhibits COX") < prompt.index("What does aspirin inhibit?")
 
 
 @pytest.mark.parametrize("include", [True, False])
 def test_explanation_follows_the_letter_only_when_enabled(tokenizers, include):
-    cfg = PackingConfig(include_explanation=include)
+    cfg = FormatConfig(include_explanation=include)
     target = render_target(KO_MCQA, cfg, tokenizers["gemma3"])
     assert target == ("A\n우하복부 통증이 전형적이다." if include else "A")
 
 
 def test_instruction_target_is_the_response_with_end_marker(tokenizers):
-    cfg = PackingConfig()
+    cfg = FormatConfig()
     for name, end in [("llama", "<|eot_id|>"), ("gemma3", "<end_of_turn>"), ("plain", "<|end_of_text|>")]:
         tok = tokenizers[name]
         assert end_of_turn_text(tok, cfg) == end
@@ -189,9 +193,52 @@ def test_instruction_target_is_the_response_with_end_marker(tokenizers):
 def test_label_count_matches_target_length(tokenizers, question, answer, train_on_prompt):
     """For any question text: targets = target tokens (or all-but-first when training on the prompt)."""
     tok = tokenizers["gemma3"]
-    cfg = PackingConfig(train_on_prompt=train_on_prompt)
+    cfg = FormatConfig(train_on_prompt=train_on_prompt)
     record = make_record(question=question, options=["x", "y", "z"], answer=answer)
     ex = tokenize_example(record, tok, cfg)
     n_targets = sum(label != IGNORE_INDEX for label in ex["labels"])
     n_prompt = len(encode_prompt(render_prompt(record, tok, cfg), tok))
     assert n_targets == (len(ex["input_ids"]) - 1 if train_on_prompt else len(ex["input_ids"]) - n_prompt)
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_encode_prompts_keeps_one_bos_whether_or_not_the_text_carries_it(tokenizers, name):
+    """The batched prompt rule is the single-text rule: BOS first and once, with or without the BOS
+    string a chat template writes into the text."""
+    tok = tokenizers[name]
+    texts = [render_prompt(r, tok, FormatConfig()) for r in RECORDS]
+    texts += [tok.bos_token + "Question: fever?\nAnswer:", "Question: fever?\nAnswer:"]
+    rows = encode_prompts(texts, tok)
+    assert rows == [encode_prompt(t, tok) for t in texts]
+    assert all(row[0] == tok.bos_token_id and row.count(tok.bos_token_id) == 1 for row in rows)
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_joined_k_shot_prompt_encodes_with_one_bos(tokenizers, name):
+    """k-shot prompts are several rendered prompts in one text: joined, only the first keeps BOS."""
+    tok = tokenizers[name]
+    parts = [render_prompt(r, tok, FormatConfig()) for r in (make_record(), KO_MCQA)]
+    joined = join_prompts(parts, tok)
+    assert joined.endswith(parts[1].removeprefix(tok.bos_token)) and joined.startswith(parts[0])
+    assert encode_prompt(joined, tok).count(tok.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("name", TOKENIZER_NAMES)
+def test_harness_rule_agrees_with_the_training_rule_on_rendered_prompts(tokenizers, name):
+    """Option log-likelihood and generation encode by lm-evaluation-harness's rule; on these
+    tokenizers (a "BOS + text" post-processor) it must give the very ids training reads."""
+    tok = tokenizers[name]
+    for template in ("auto", "plain"):
+        texts = [render_prompt(r, tok, FormatConfig(template=template)) for r in RECORDS]
+        assert encode_like_harness(texts, tok) == encode_prompts(texts, tok)
+
+
+def test_encode_pairs_moves_trailing_space_to_the_continuation(tokenizers):
+    """lm-evaluation-harness `_encode_pair`: context ids + continuation ids is the whole text's
+    encoding, and a context's trailing space is scored as part of the continuation."""
+    tok = tokenizers["llama"]
+    pairs = [("Question: fever?\nAnswer:", " aspirin"), ("Question: fever?\nAnswer: ", "aspirin")]
+    (ctx_a, cont_a), (ctx_b, cont_b) = encode_pairs(pairs, tok)
+    assert ctx_a == ctx_b and cont_a == cont_b
+    assert ctx_a + cont_a == encode_like_harness(["Question: fever?\nAnswer: aspirin"], tok)[0]
+    assert tok.decode(cont_a) == " aspirin"

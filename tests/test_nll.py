@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medtune.config import PackingConfig, validate_config
+from medtune.config import FormatConfig, PackingConfig, validate_config
 from medtune.evaluate.nll import compare_nll, nll_table, score_nll
 from medtune.format import render_prompt, render_target
 
@@ -54,7 +54,7 @@ def _dialogue(i: int) -> dict:
     }
 
 
-def _by_hand(model, tokenizer, record: dict, cfg: PackingConfig, whole: bool) -> tuple[float, int]:
+def _by_hand(model, tokenizer, record: dict, cfg: FormatConfig, whole: bool) -> tuple[float, int]:
     """One record alone, full logits, F.cross_entropy over the tokens training would score."""
     prompt = tokenizer(render_prompt(record, tokenizer, cfg), add_special_tokens=True)["input_ids"]
     target = tokenizer(render_target(record, cfg, tokenizer), add_special_tokens=False)["input_ids"]
@@ -74,8 +74,9 @@ def test_packed_item_nll_equals_each_item_alone(tiny_llama_dir: Path, scope: str
     records = (
         [_mcqa(i, "ko") for i in range(3)] + [_mcqa(i, "en") for i in range(2)] + [_dialogue(0), _dialogue(3)]
     )
-    cfg = PackingConfig(template="plain", max_seq_len=64)  # some items are longer: they get a row alone
-    rows = score_nll(model, tokenizer, records, cfg, scope=scope)
+    cfg = FormatConfig(template="plain")
+    packing = PackingConfig(max_seq_len=64)  # some items are longer: they get a row alone
+    rows = score_nll(model, tokenizer, records, cfg, packing, scope=scope)
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     assert scope == "targets" or max(r["tokens"] for r in rows) > 64  # long items get a row alone
     for record, row in zip(records, rows, strict=True):
@@ -135,7 +136,7 @@ def test_run_eval_reports_heldout_nll_per_group(tiny_llama_dir: Path, tmp_path: 
             "model": {"path": str(tiny_llama_dir)},
             "quantization": {"mode": "none"},
             "data": {"eval": [{"path": str(prep / "eval.jsonl")}]},
-            "packing": {"template": "plain"},
+            "format": {"template": "plain"},
             "eval": {"nll": True},
         }
     )

@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig
 from medtune.data.schema import Record
 from medtune.evaluate import score as S
-from medtune.format import encode_prompt
+from medtune.evaluate.answers import extract_answer
+from medtune.evaluate.prompts import build_items, select_shots
+from medtune.format import encode_prompt, letter_tokens
 
 
 def make_record(
@@ -76,8 +78,8 @@ def _plain_logprobs(model, ids: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("template", ["plain", "chat"])
 def test_letter_scores_equal_hand_computed_softmax(llama, template: str) -> None:
     model, tok = llama
-    cfg = PackingConfig(template=template)
-    items = S.build_items(RECORDS[:5], tok, cfg)
+    cfg = FormatConfig(template=template)
+    items = build_items(RECORDS[:5], tok, cfg)
     # the target convention from medtune.format: " B" after "Answer:", "B" after a chat header
     assert items[0]["targets"][1] == (" B" if template == "plain" else "B")
     got = S.letter_scores(model, tok, items, batch_size=3)
@@ -90,15 +92,15 @@ def test_letter_scores_equal_hand_computed_softmax(llama, template: str) -> None
 
 def test_plain_letter_token_is_the_space_letter_token(llama) -> None:
     _, tok = llama
-    shared, firsts = S.letter_tokens(tok, [" A", " B", " C"])
+    shared, firsts = letter_tokens([" A", " B", " C"], tok)
     assert shared == [] and firsts == [tok.convert_tokens_to_ids(f"Ġ{c}") for c in "ABC"]
-    assert firsts != S.letter_tokens(tok, ["A", "B", "C"])[1]  # "A" and " A" really are different tokens
+    assert firsts != letter_tokens(["A", "B", "C"], tok)[1]  # "A" and " A" really are different tokens
 
 
 def test_shared_leading_tokens_move_into_the_prompt(llama) -> None:
     model, tok = llama
     targets = ["\nA", "\nB", "\nC", "\nD"]
-    shared, firsts = S.letter_tokens(tok, targets)
+    shared, firsts = letter_tokens(targets, tok)
     assert shared == tok("\n", add_special_tokens=False)["input_ids"] and len(set(firsts)) == 4
     item = {"record": RECORDS[0], "prompt": "Question: fever?\nAnswer:", "targets": targets}
     ids = encode_prompt(item["prompt"], tok) + shared
@@ -109,7 +111,7 @@ def test_shared_leading_tokens_move_into_the_prompt(llama) -> None:
 
 def test_loglik_equals_hand_computed_sum(llama) -> None:
     model, tok = llama
-    items = S.build_items(RECORDS[:2], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:2], tok, FormatConfig(template="plain"))
     pairs = [p for it in items for p in S.option_pairs(it)]
     assert pairs[0][1].startswith(" ")  # harness-style " <option>" after "Answer:"
     got = S.loglik_scores(model, tok, pairs, batch_size=5)
@@ -124,7 +126,7 @@ def test_loglik_equals_hand_computed_sum(llama) -> None:
 
 def test_acc_norm_divides_by_option_characters(llama) -> None:
     model, tok = llama
-    items = S.build_items(RECORDS[:3], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:3], tok, FormatConfig(template="plain"))
     for res, item in zip(S.score_chunk(model, tok, items, "loglik", 4), items, strict=True):
         norm = [s / len(o) for s, o in zip(res["scores"], item["record"]["options"], strict=True)]
         assert res["predicted_norm"] == "ABCDE"[norm.index(max(norm))]
@@ -135,7 +137,7 @@ def test_acc_norm_divides_by_option_characters(llama) -> None:
 @pytest.mark.parametrize("mode", ["letter", "loglik"])
 def test_batched_equals_unbatched(request, arch: str, mode: str) -> None:
     model, tok = request.getfixturevalue(arch)
-    items = S.build_items(RECORDS[:8], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:8], tok, FormatConfig(template="plain"))
     one = S.score_items(model, tok, items, mode, batch_size=1)
     many = S.score_items(model, tok, items, mode, batch_size=5)
     for a, b in zip(one, many, strict=True):
@@ -180,7 +182,7 @@ def test_length_batches_cover_every_row_once_with_little_padding() -> None:
 def test_predictions_stream_in_input_order_and_are_deterministic(llama, tmp_path: Path) -> None:
     model, tok = llama
     records = [*RECORDS, make_record(99, answer="F"), make_record(98, answer=None)]
-    items = S.build_items(records, tok, PackingConfig(template="plain"))
+    items = build_items(records, tok, FormatConfig(template="plain"))
     S.score_items(model, tok, items, "letter", 4, tmp_path / "a.jsonl")
     S.score_items(model, tok, items, "letter", 4, tmp_path / "b.jsonl")
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
@@ -196,11 +198,11 @@ def test_predictions_stream_in_input_order_and_are_deterministic(llama, tmp_path
 
 def test_generate_mode_runs_and_reports_unanswered(llama) -> None:
     model, tok = llama
-    items = S.build_items(RECORDS[:4], tok, PackingConfig(template="plain"))
+    items = build_items(RECORDS[:4], tok, FormatConfig(template="plain"))
     res = S.score_items(model, tok, items, "generate", batch_size=2, max_new_tokens=4)
     assert all(r["status"] in ("ok", "unanswered") for r in res)
     for r in res:
-        assert r["predicted"] == S.extract_answer(r["generation"], 4 + int(r["id"].split(":")[-1]) % 2)
+        assert r["predicted"] == extract_answer(r["generation"], 4 + int(r["id"].split(":")[-1]) % 2)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +226,7 @@ def test_generate_mode_runs_and_reports_unanswered(llama) -> None:
     ],
 )
 def test_extract_answer(text: str, expected: str | None) -> None:
-    assert S.extract_answer(text, 4 if expected != "E" else 5) == expected
+    assert extract_answer(text, 4 if expected != "E" else 5) == expected
 
 
 def test_select_shots_never_uses_the_item_and_is_deterministic() -> None:
@@ -232,21 +234,21 @@ def test_select_shots_never_uses_the_item_and_is_deterministic() -> None:
     pool = [make_record(i, "en", source="s") for i in range(0, 30, 2)]  # contains the item's own id
     pool += [{**item, "id": "s:train:dup"}]  # same question under another id (KorMedMCQA fewshot)
     pool += [make_record(100 + i, "en", source="other") for i in range(10)]
-    shots = S.select_shots(item, pool, 3, seed=0)
+    shots = select_shots(item, pool, 3, seed=0)
     assert len(shots) == 3 and all(s["source"] == "s" for s in shots)
     assert all(s["id"] != item["id"] and s["question"] != item["question"] for s in shots)
-    assert shots == S.select_shots(item, list(reversed(pool)), 3, seed=0)
-    assert S.select_shots(item, pool, 0, seed=0) == []
+    assert shots == select_shots(item, list(reversed(pool)), 3, seed=0)
+    assert select_shots(item, pool, 0, seed=0) == []
     with pytest.raises(ValueError):
-        S.select_shots(item, pool[:2], 3, seed=0)
+        select_shots(item, pool[:2], 3, seed=0)
 
 
 def test_k_shot_prompt_contains_examples_and_one_bos(llama) -> None:
     _, tok = llama
     pool = [make_record(200 + i, "en", source="s") for i in range(5)]
     for template in ("plain", "chat"):
-        item = S.build_items([RECORDS[0]], tok, PackingConfig(template=template), k_shot=2, pool=pool)[0]
-        zero = S.build_items([RECORDS[0]], tok, PackingConfig(template=template))[0]
+        item = build_items([RECORDS[0]], tok, FormatConfig(template=template), k_shot=2, pool=pool)[0]
+        zero = build_items([RECORDS[0]], tok, FormatConfig(template=template))[0]
         assert item["prompt"].endswith(zero["prompt"].removeprefix(tok.bos_token))
         assert item["prompt"].count(tok.bos_token) <= 1
         assert sum(q["question"] in item["prompt"] for q in pool) == 2

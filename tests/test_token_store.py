@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medtune.config import ModelConfig, PackingConfig, SourceConfig, load_config
+from medtune.config import FormatConfig, ModelConfig, PackingConfig, SourceConfig, load_config
 from medtune.data import token_store
 from medtune.data.read import iter_source
 from medtune.data.token_store import (
@@ -58,7 +58,7 @@ def write_prepared(folder: Path, records: list[dict]) -> Path:
     return folder
 
 
-def build(prepare: Path, model_dir: Path, packing: PackingConfig, workers: int = 1) -> tuple[Path, bool]:
+def build(prepare: Path, model_dir: Path, packing: FormatConfig, workers: int = 1) -> tuple[Path, bool]:
     model = ModelConfig(path=model_dir)
     return ensure_token_store(prepare, model, packing, store_inputs(prepare, model, packing), workers)
 
@@ -66,14 +66,14 @@ def build(prepare: Path, model_dir: Path, packing: PackingConfig, workers: int =
 @pytest.mark.parametrize(
     "packing",
     [
-        PackingConfig(),
-        PackingConfig(train_on_prompt=True),
-        PackingConfig(template="plain", include_explanation=False, prompt_language="en"),
+        FormatConfig(),
+        FormatConfig(train_on_prompt=True),
+        FormatConfig(template="plain", include_explanation=False, prompt_language="en"),
     ],
     ids=["auto", "train_on_prompt", "plain"],
 )
 def test_the_store_holds_exactly_what_tokenize_example_gives(
-    tmp_path: Path, tiny_llama_dir: Path, bundled_records: list[dict], packing: PackingConfig
+    tmp_path: Path, tiny_llama_dir: Path, bundled_records: list[dict], packing: FormatConfig
 ) -> None:
     prepare = write_prepared(tmp_path / "prepare", bundled_records)
     path, built = build(prepare, tiny_llama_dir, packing)
@@ -104,7 +104,7 @@ def test_a_parallel_build_writes_the_same_bytes_as_a_serial_one(
 ) -> None:
     monkeypatch.setattr(token_store, "_CHUNK_BYTES", 32 << 10)  # several chunks for two workers
     prepare = write_prepared(tmp_path / "prepare", bundled_records)
-    model, packing = ModelConfig(path=tiny_llama_dir), PackingConfig()
+    model, packing = ModelConfig(path=tiny_llama_dir), FormatConfig()
     inputs = store_inputs(prepare, model, packing)
     build_token_store(prepare, model, packing, inputs, tmp_path / "serial", workers=1)
     build_token_store(prepare, model, packing, inputs, tmp_path / "parallel", workers=2)
@@ -145,12 +145,12 @@ def test_a_changed_input_builds_a_new_store_and_says_why(
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, model_dir)
     prepare = write_prepared(tmp_path / "prepare", bundled_records[:50])
-    first, _ = build(prepare, model_dir, PackingConfig())
-    _, built = build(prepare, model_dir, PackingConfig())
+    first, _ = build(prepare, model_dir, FormatConfig())
+    _, built = build(prepare, model_dir, FormatConfig())
     assert not built and "reusing token store" in capsys.readouterr().out
-    packing = PackingConfig()
+    packing = FormatConfig()
     if change == "template":
-        packing = PackingConfig(template="plain")
+        packing = FormatConfig(template="plain")
     elif change == "tokenizer":
         _edit_tokenizer(model_dir)
     else:
@@ -165,8 +165,8 @@ def test_settings_that_act_at_collation_share_one_store(tmp_path: Path, tiny_lla
     """max_seq_len, overlong, mode and train_on_prompt do not change the stored ids."""
     prepare = write_prepared(tmp_path / "prepare", [])
     model = ModelConfig(path=tiny_llama_dir)
-    other = PackingConfig(max_seq_len=64, overlong="drop", mode="padded", train_on_prompt=True)
-    assert store_path(prepare, store_inputs(prepare, model, PackingConfig())) == store_path(
+    other = FormatConfig(train_on_prompt=True)  # packing's row settings never reach the store
+    assert store_path(prepare, store_inputs(prepare, model, FormatConfig())) == store_path(
         prepare, store_inputs(prepare, model, other)
     )
 
@@ -185,12 +185,12 @@ def test_batches_from_the_store_equal_those_from_tokenised_lists(
     tmp_path: Path, tiny_llama_dir: Path, bundled_records: list[dict]
 ) -> None:
     """What `_optimizer_step` collates, for two epochs of row plans: the same tensors as before."""
-    packing = PackingConfig(max_seq_len=256)
+    packing, fmt = PackingConfig(max_seq_len=256), FormatConfig()
     prepare = write_prepared(tmp_path / "prepare", bundled_records)
-    path, _ = build(prepare, tiny_llama_dir, packing)
-    stored, _ = training_examples(open_token_store(path), packing.train_on_prompt)
+    path, _ = build(prepare, tiny_llama_dir, fmt)
+    stored, _ = training_examples(open_token_store(path), fmt.train_on_prompt)
     tokenizer = load_tokenizer(ModelConfig(path=tiny_llama_dir))
-    lists = [tokenize_example(r, tokenizer, packing) for r in bundled_records]
+    lists = [tokenize_example(r, tokenizer, fmt) for r in bundled_records]
     lengths = [len(e["input_ids"]) for e in lists]
     assert stored.lengths() == lengths
     for epoch in range(2):
@@ -231,5 +231,5 @@ def test_a_worker_that_cannot_load_the_tokenizer_fails_the_build(
     monkeypatch.setattr(token_store, "_CHUNK_BYTES", 16 << 10)
     prepare = write_prepared(tmp_path / "prepare", [{"id": str(i)} for i in range(4000)])
     with pytest.raises(ModelError, match="cannot load the tokenizer"):
-        build(prepare, model_dir, PackingConfig(), workers=2)
+        build(prepare, model_dir, FormatConfig(), workers=2)
     assert not list((prepare / "tokens").iterdir())  # no store, no temp folder

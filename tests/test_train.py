@@ -123,7 +123,7 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 def test_loss_goes_down_and_the_adapter_reloads_with_plain_peft(tmp_path: Path, tiny_llama_dir: Path) -> None:
     # Training on the prompt too gives each step hundreds of target tokens, so the curve is not noise.
     cfg_path = make_run(
-        tmp_path, tiny_llama_dir, train={"max_steps": 25, "lr": 3e-2}, packing={"train_on_prompt": True}
+        tmp_path, tiny_llama_dir, train={"max_steps": 25, "lr": 3e-2}, format={"train_on_prompt": True}
     )
     summary = train_in_process(cfg_path)
     rows = metrics(tmp_path / "run")

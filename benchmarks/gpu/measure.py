@@ -363,19 +363,21 @@ def train_case(case: Case, model_dir: Path, scale: Scale) -> dict[str, Any]:
 
 def eval_case(case: Case, model_dir: Path, scale: Scale) -> dict[str, Any]:
     """Letter-mode questions/s through `letter_scores`, the scorer `medtune eval` uses, after a warm-up."""
-    from medtune.evaluate.score import build_items, encode_prompts, letter_scores
+    from medtune.evaluate.prompts import build_items
+    from medtune.evaluate.score import letter_scores
+    from medtune.format import encode_prompts
     from medtune.model.load import load_model_for_inference
 
     cfg = run_config(case, model_dir, scale)
     reset_peak(scale)
     model, tokenizer = load_model_for_inference(cfg)
-    items = build_items(synthetic_records(scale.eval_items), tokenizer, cfg.packing)
+    items = build_items(synthetic_records(scale.eval_items), tokenizer, cfg.format)
     letter_scores(model, tokenizer, items[: scale.eval_batch], scale.eval_batch)  # warm-up
     started = time.perf_counter()
     scores = letter_scores(model, tokenizer, items, scale.eval_batch)
     seconds = time.perf_counter() - started
     memory = cuda_memory(scale)
-    prompt_tokens = [len(ids) for ids in encode_prompts(tokenizer, [it["prompt"] for it in items])]
+    prompt_tokens = [len(ids) for ids in encode_prompts([it["prompt"] for it in items], tokenizer)]
     del model
     return {
         "items": len(items),

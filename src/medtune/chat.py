@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig
 from medtune.errors import RunDirError
 from medtune.format import encode_prompt as encode_rendered_prompt
 from medtune.format import render_conversation
@@ -32,7 +32,7 @@ END_OF_TURN = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>")
 # ----------------------------------------------------------------------------- loading
 
 
-def load_chat_model(target: Path) -> tuple[Any, Any, PackingConfig]:
+def load_chat_model(target: Path) -> tuple[Any, Any, FormatConfig]:
     """(model, tokenizer, the prompt format it was trained with) from a run dir, a merged export or
     a GGUF export; RunDirError otherwise."""
     target = Path(target)
@@ -52,23 +52,29 @@ def load_chat_model(target: Path) -> tuple[Any, Any, PackingConfig]:
     )
 
 
-def _load_run(run_dir: Path) -> tuple[Any, Any, PackingConfig]:
+def _load_run(run_dir: Path) -> tuple[Any, Any, FormatConfig]:
     from medtune.export import full_precision, read_run
     from medtune.model.load import load_model_for_inference
 
     cfg, adapter = read_run(run_dir)
     if not torch.cuda.is_available():  # bitsandbytes 4-bit on a CPU is slow at best: load plain weights
         cfg = full_precision(cfg, "float32")
-    return (*load_model_for_inference(cfg, adapter), cfg.packing)
+    return (*load_model_for_inference(cfg, adapter), cfg.format)
 
 
-def _exported_format(model_dir: Path) -> PackingConfig:
-    """The training run's format settings, recorded in `export.json`; defaults for other folders."""
+def _exported_format(model_dir: Path) -> FormatConfig:
+    """The training run's format settings, recorded in `export.json`; defaults for other folders.
+
+    Exports made before the `format:` section record the whole packing section: its row settings
+    are left out here, since a format setting silently reset to its default would change the prompt.
+    """
     try:
         recorded = json.loads((model_dir / "export.json").read_text(encoding="utf-8"))["prompt_format"]
-        return PackingConfig.model_validate(recorded)
-    except (OSError, KeyError, TypeError, ValueError):
-        return PackingConfig()
+        return FormatConfig.model_validate(
+            {k: v for k, v in recorded.items() if k in FormatConfig.model_fields}
+        )
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return FormatConfig()
 
 
 def _load_exported(model_dir: Path, gguf_file: str | None = None) -> tuple[Any, Any]:
@@ -85,13 +91,13 @@ def _load_exported(model_dir: Path, gguf_file: str | None = None) -> tuple[Any, 
 # ----------------------------------------------------------------------------- prompting
 
 
-def build_prompt(tokenizer: Any, messages: list[dict[str, str]], fmt: PackingConfig) -> str:
+def build_prompt(tokenizer: Any, messages: list[dict[str, str]], fmt: FormatConfig) -> str:
     """The conversation as the model was trained to read it, ending where the assistant speaks."""
     return render_conversation(messages, tokenizer, fmt)
 
 
 def encode_prompt(
-    tokenizer: Any, messages: list[dict[str, str]], fmt: PackingConfig, budget: int
+    tokenizer: Any, messages: list[dict[str, str]], fmt: FormatConfig, budget: int
 ) -> torch.Tensor:
     """Token ids of the prompt (BOS once, as in training), dropping the oldest exchanges to fit `budget`."""
     while True:
@@ -131,12 +137,12 @@ def generate_reply(
     max_new_tokens: int,
     output: Console,
     temperature: float = 0.0,
-    fmt: PackingConfig | None = None,
+    fmt: FormatConfig | None = None,
 ) -> str:
     """Stream one assistant reply to `output` and return its text."""
     limit = getattr(model.config, "max_position_embeddings", None) or 4096
     budget = max(limit - max_new_tokens, 16)
-    ids = encode_prompt(tokenizer, messages, fmt or PackingConfig(), budget).to(model.device)
+    ids = encode_prompt(tokenizer, messages, fmt or FormatConfig(), budget).to(model.device)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": 0.95}
         if temperature > 0

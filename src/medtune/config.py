@@ -7,7 +7,6 @@ and a hint (exit code 2), not an hour into training.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medtune.config_load import explain, move_format_keys, read_yaml_config, resolve_paths, set_dotted
 from medtune.errors import ConfigError
 
 Language = Literal["ko", "en", "mixed", "other"]
@@ -190,20 +190,32 @@ class LoraConfig(Section):
     modules_to_save: list[str] = Field(default_factory=list)
 
 
+class FormatConfig(Section):
+    """How a record becomes prompt and answer text, and which tokens are trained (`medtune.format`).
+
+    Training, evaluation, held-out NLL and `medtune chat` all render through these settings, so a
+    model is scored and talked to in the format it was trained on. These keys used to live under
+    `packing:`; that spelling is still read (with a note) and hashes the same.
+    """
+
+    template: Literal["auto", "chat", "plain"] = "auto"
+    """auto: the tokenizer's chat template when it has one, else medtune's plain template."""
+    prompt_language: Literal["auto", "ko", "en"] = "auto"
+    """Wording of the instruction: by each record's language (auto) or fixed."""
+    train_on_prompt: bool = False
+    """Also train on the prompt's tokens; off: only the answer (and end-of-turn marker) is trained."""
+    include_explanation: bool = True
+    """MCQA targets: the letter, then a newline and the explanation where the record has one."""
+
+
 class PackingConfig(Section):
-    """How records become token rows: prompt format, loss mask, packing or padding."""
+    """How token rows are built from examples: packing or padding, and the row length."""
 
     mode: Literal["packed", "padded"] = "packed"
     max_seq_len: int = Field(default=1024, ge=16)
     padding: Literal["longest", "max_length"] = "longest"
     """Padded mode only: pad each batch to its longest row, or every row to max_seq_len."""
     overlong: Literal["truncate", "drop"] = "truncate"
-    train_on_prompt: bool = False
-    include_explanation: bool = True
-    template: Literal["auto", "chat", "plain"] = "auto"
-    """auto: the tokenizer's chat template when it has one, else medtune's plain template."""
-    prompt_language: Literal["auto", "ko", "en"] = "auto"
-    """Wording of the instruction: by each record's language (auto) or fixed."""
 
 
 CHUNKED_CE_MIN_VOCAB = 32_000
@@ -371,12 +383,18 @@ class RunConfig(Section):
     model: ModelConfig
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    format: FormatConfig = Field(default_factory=FormatConfig)
     packing: PackingConfig = Field(default_factory=PackingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_keys_moved_out_of_packing(cls, raw: Any) -> Any:
+        return move_format_keys(raw, list(FormatConfig.model_fields))
 
     @model_validator(mode="after")
     def _needs_training_data(self) -> RunConfig:
@@ -407,6 +425,8 @@ class RunConfig(Section):
         launch = {"node_rank", "rdzv_endpoint", "rdzv_id", "timeout_s"}
         verdicts = {"sweep": True, "eval": {"guard"}}
         dumped = self.model_dump(mode="json", exclude={**verdicts, "distributed": launch})
+        # `format:` is hashed under packing, where its keys lived before: earlier runs keep their hash.
+        dumped["packing"] = {**dumped["packing"], **dumped.pop("format")}
         blob = json.dumps(dumped, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -418,21 +438,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     config works from any working directory. `overrides` maps dotted keys to values (`train.lr`).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
-    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # ValueError: an int past 4300 digits
-        raise ConfigError(f"{path}: not valid YAML: {str(exc)[:300]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = read_yaml_config(path)
     for key, value in (overrides or {}).items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     cfg = validate_config(raw, where=str(path))
     try:
-        return _resolve_paths(cfg, path.resolve().parent)
+        return resolve_paths(cfg, path.resolve().parent)
     except (OSError, ValueError) as exc:  # a NUL byte (ValueError), a name too long for the OS
         name = f" {str(exc.filename)[:80]!r}" if getattr(exc, "filename", None) else ""
         reason = getattr(exc, "strerror", None) or exc
@@ -443,108 +454,7 @@ def validate_config(raw: dict[str, Any], where: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, where)) from None
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `train.lr`, or `data.train.0.limit` (an index into a list the config already holds)."""
-    node: Any = raw
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        if isinstance(node, dict) and node.get(key) is None:
-            node[key] = {}
-        node = node[key] if isinstance(node, dict) else node[_list_index(node, key, dotted)]
-    if isinstance(node, dict):
-        node[leaf] = value
-    else:
-        node[_list_index(node, leaf, dotted)] = value
-
-
-def _list_index(node: Any, key: str, dotted: str) -> int:
-    if isinstance(node, list) and key.isdecimal() and int(key) < len(node):
-        return int(key)
-    what = f"a list of {len(node)}" if isinstance(node, list) else f"a {type(node).__name__}"
-    raise ConfigError(f"override {dotted[:100]}: cannot set {key[:40]!r} inside {what}")
-
-
-def _resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    def resolve(p: Path) -> Path:
-        return (base / p).resolve()
-
-    for section, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        for i, source in enumerate(sources):
-            source.path = resolve(source.path)
-            if not source.path.exists():
-                raise ConfigError(f"data.{section}.{i}.path: no such file or folder: {source.path}")
-    cfg.model.path = resolve(cfg.model.path)
-    _check_model_dir(cfg.model.path)
-    cfg.output.dir = resolve(cfg.output.dir)
-    return cfg
-
-
-def _check_model_dir(path: Path) -> None:
-    """model.path must be a model folder at load time, not when training starts after `prepare`."""
-    if not path.is_dir():
-        raise ConfigError(
-            f"model.path: no such folder: {path}; point it at a local model directory, or make one "
-            "with `medtune model tiny --out DIR`, `medtune model fetch NAME` or `medtune model import`"
-        )
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.path: {path} is not a model directory (it has no config.json)")
-
-
-def _explain(exc: ValidationError, where: str) -> str:
-    """Turn pydantic's errors into one paragraph per problem: key path, what is wrong, a hint."""
-    lines = [f"{where}: the config is not valid ({exc.error_count()} problem(s)):"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            hint = _suggest(err["loc"])
-            lines.append(f"  - {loc}: unknown key{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"  - {loc}: required key is missing")
-        else:
-            got = err.get("input")
-            got_s = f" (got {_shown(got)})" if not isinstance(got, dict | list) else ""
-            lines.append(f"  - {loc}: {err['msg']}{got_s}")
-    lines.append("Run `medtune config show` on a valid config to see every key with its default.")
-    return "\n".join(lines)
-
-
-def _shown(value: Any) -> str:
-    """A value in an error message: cut short (a pasted file), and safe for ints past 4300 digits."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "a number with thousands of digits"
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
-def _suggest(loc: tuple[Any, ...]) -> str:
-    """'did you mean ...' for a misspelled key, from the fields of the section that holds it."""
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return ""
-        inner = _section_type(field.annotation)
-        if inner is None:
-            return ""
-        model = inner
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
-    return f"; did you mean `{close[0]}`?" if close else f"; valid keys: {', '.join(model.model_fields)}"
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _section_type(arg)
-        if found is not None:
-            return found
-    return None
+        raise ConfigError(explain(exc, where, RunConfig)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -403,7 +403,7 @@ def run_export(
             "config_hash": cfg.config_hash(),
             "dtype": dtype if fmt == "merged" else None,
             "gguf_type": gguf_type if fmt == "gguf" else None,
-            "prompt_format": cfg.packing.model_dump(mode="json"),  # what `medtune chat` renders with
+            "prompt_format": cfg.format.model_dump(mode="json"),  # what `medtune chat` renders with
             "verification": figures,
             "guard": guard,
             "versions": package_versions(),

@@ -13,15 +13,21 @@ follow `render_prompt`. Two conventions keep training and scoring identical:
 
 Prompt and target are tokenized separately and concatenated, so the prompt/answer boundary in token
 space is exact by construction (no offset mapping), and BOS appears exactly once.
+
+This module is the only token path: training, letter scoring, held-out NLL and `medtune chat` encode
+prompts with `encode_prompts` (BOS once) and answers with `encode_answers`; k-shot prompts are joined
+by `join_prompts`. Option log-likelihood and generation follow lm-evaluation-harness instead
+(`encode_like_harness`, `encode_pairs`), so their numbers match the harness token for token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
 
 from transformers import PreTrainedTokenizerBase
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig
 from medtune.data.schema import LETTERS, Record
 from medtune.errors import ConfigError
 
@@ -54,20 +60,20 @@ class Example(TypedDict):
     labels: list[int]
 
 
-def prompt_language(record: Record, cfg: PackingConfig) -> str:
+def prompt_language(record: Record, cfg: FormatConfig) -> str:
     """`ko` or `en`: the wording used for this record (Korean only for Korean records under `auto`)."""
     if cfg.prompt_language != "auto":
         return cfg.prompt_language
     return "ko" if record["language"] == "ko" else "en"
 
 
-def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> bool:
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> bool:
     """Whether prompts go through the tokenizer's chat template (`template: auto` and one exists)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if cfg.template == "chat" and not has_template:
         name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
         raise ConfigError(
-            f"packing.template: 'chat' but {name} has no chat template; use packing.template: auto or plain"
+            f"format.template: 'chat' but {name} has no chat template; use format.template: auto or plain"
         )
     return has_template and cfg.template != "plain"
 
@@ -89,7 +95,7 @@ def _user_text(record: Record, words: dict[str, str]) -> str:
     return (record.get("prompt") or record["question"]).strip()
 
 
-def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> str:
+def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> str:
     """Everything the model sees before the answer, ending where the answer's first token goes.
 
     Chat path: the chat template with the user turn and `add_generation_prompt=True` (the text may
@@ -107,7 +113,7 @@ def render_prompt(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: Packi
 
 
 def render_conversation(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig
 ) -> str:
     """A chat (`[{role, content}]`, ending with the user) in the format training used, up to the reply.
 
@@ -128,7 +134,7 @@ def render_conversation(
     return "\n\n".join(parts)
 
 
-def _message_language(text: str, cfg: PackingConfig) -> str:
+def _message_language(text: str, cfg: FormatConfig) -> str:
     """The instruction wording for a chat message: as `prompt_language` picks it for a record."""
     from medtune.data.langid import detect_language
 
@@ -137,7 +143,7 @@ def _message_language(text: str, cfg: PackingConfig) -> str:
     return "ko" if detect_language(text) == "ko" else "en"
 
 
-def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> str:
+def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> str:
     """What closes the answer: the chat template's end-of-turn marker, else the EOS token.
 
     The marker is read off the template itself (render a model turn, take what follows its content),
@@ -154,9 +160,7 @@ def end_of_turn_text(tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> 
     return tokenizer.eos_token or ""
 
 
-def render_target(
-    record: Record, cfg: PackingConfig, tokenizer: PreTrainedTokenizerBase | None = None
-) -> str:
+def render_target(record: Record, cfg: FormatConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """The answer text trained on, without the end-of-turn marker (`tokenize_example` adds it).
 
     MCQA: the gold letter, then a newline and the explanation when `include_explanation` and one
@@ -195,26 +199,101 @@ def _find(haystack: list[int], needle: list[int]) -> int:
     return -1
 
 
-def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids of a rendered prompt with BOS exactly once.
+def join_prompts(parts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> str:
+    """Concatenate rendered prompts (k-shot examples, then the question), keeping only the first BOS
+    a chat template writes, so the joined text still encodes with BOS exactly once."""
+    bos = getattr(tokenizer, "bos_token", None)
+    out = [parts[0]]
+    for part in parts[1:]:
+        out.append(part[len(bos) :] if bos and part.startswith(bos) else part)
+    return "".join(out)
+
+
+def encode_prompts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of rendered prompts with BOS exactly once: the rule training, letter scoring, NLL
+    and chat share.
 
     Trap: chat templates render `{{ bos_token }}` into the text, and the tokenizer's post-processor
     would add another; so tokenize without special tokens and add the prefix only if it is missing.
+    The prefix is looked up once per call, not per prompt: evaluation encodes every item here.
     """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     prefix = bos_prefix(tokenizer)
-    if prefix and ids[: len(prefix)] != prefix:
-        ids = prefix + ids
-    return ids
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [list(r) if not prefix or list(r[: len(prefix)]) == prefix else prefix + list(r) for r in rows]
 
 
-def encode_target(text: str, tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> list[int]:
+def encode_prompt(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids of one rendered prompt with BOS exactly once (`encode_prompts` of one text)."""
+    return encode_prompts([text], tokenizer)[0]
+
+
+def encode_answers(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids of answer texts as training tokenises them: each alone, no special tokens, so the
+    first id is the one the model learns to emit right after the prompt."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def encode_target(text: str, tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> list[int]:
     """Token ids of the answer followed by the end-of-turn marker (or EOS), no BOS."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = encode_answers([text], tokenizer)[0]
     end = end_of_turn_text(tokenizer, cfg)
     if end:
         ids = ids + tokenizer(end, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def letter_tokens(targets: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    """(tokens every answer starts with, the first differing token of each letter's target).
+
+    Targets are tokenised alone, as training does (`encode_answers`), so the compared token is the
+    one the model was trained to emit after the prompt: `ĠB` after `Answer:` on the plain template,
+    `B` after a chat generation prompt. If all targets share leading tokens (a SentencePiece `▁`
+    before the letter), those are part of every answer: they are appended to the prompt and the next
+    token is compared, since P(shared) multiplies every option alike and cannot change the ranking.
+    A letter spelt with several tokens is scored by its first token only.
+    """
+    conts = encode_answers(targets, tokenizer)
+    shared = 0
+    while all(len(c) > shared + 1 for c in conts) and len({c[shared] for c in conts}) == 1:
+        shared += 1
+    firsts = [c[shared] if len(c) > shared else -1 for c in conts]
+    if -1 in firsts or len(set(firsts)) != len(firsts):
+        raise ValueError(f"answer letters do not map to distinct tokens: {targets} -> {conts}")
+    return conts[0][:shared], firsts
+
+
+def encode_like_harness(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+    """Token ids by lm-evaluation-harness's rule: the tokenizer's own special tokens, unless the text
+    already starts with the BOS string (a chat template wrote it). Option log-likelihood and
+    generation use it, so `acc`/`acc_norm` match the harness token for token; on the usual
+    "BOS + text" post-processor it gives the same ids as `encode_prompts`."""
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = [bool(bos) and t.startswith(bos) for t in texts]
+    out: list[list[int]] = [[] for _ in texts]
+    for flag in (False, True):
+        idx = [i for i, h in enumerate(has_bos) if h == flag]
+        if idx:
+            ids = tokenizer([texts[i] for i in idx], add_special_tokens=not flag)["input_ids"]
+            for i, row in zip(idx, ids, strict=True):
+                out[i] = list(row)
+    return out
+
+
+def encode_pairs(
+    pairs: Sequence[tuple[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per pair, exactly as lm-evaluation-harness `_encode_pair`:
+    trailing whitespace of the context moves to the continuation, `context + continuation` is
+    encoded whole and split after the context's own token count."""
+    contexts, wholes = [], []
+    for context, continuation in pairs:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        contexts.append(context)
+        wholes.append(context + continuation)
+    ctx_ids, whole_ids = encode_like_harness(contexts, tokenizer), encode_like_harness(wholes, tokenizer)
+    return [(c, w[len(c) :]) for c, w in zip(ctx_ids, whole_ids, strict=True)]
 
 
 def shifted_labels(input_ids: list[int], num_prompt: int, train_on_prompt: bool) -> list[int]:
@@ -230,7 +309,7 @@ def shifted_labels(input_ids: list[int], num_prompt: int, train_on_prompt: bool)
     return labels
 
 
-def tokenize_example(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: PackingConfig) -> Example:
+def tokenize_example(record: Record, tokenizer: PreTrainedTokenizerBase, cfg: FormatConfig) -> Example:
     """Prompt ids + target ids (tokenized apart, then joined) with pre-shifted labels."""
     prompt_ids = encode_prompt(render_prompt(record, tokenizer, cfg), tokenizer)
     target_ids = encode_target(render_target(record, cfg, tokenizer), tokenizer, cfg)

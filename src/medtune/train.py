@@ -274,16 +274,16 @@ def _tokenized_examples(cfg: RunConfig, prepare_dir: Path, info: DistInfo) -> tu
     train_file = prepare_dir / "train.jsonl"
     if not train_file.is_file():
         raise RunDirError(f"{train_file} not found: run `medtune prepare` first")
-    inputs = store_inputs(prepare_dir, cfg.model, cfg.packing)
+    inputs = store_inputs(prepare_dir, cfg.model, cfg.format)
     path = store_path(prepare_dir, inputs)
     if info.is_main:
-        ensure_token_store(prepare_dir, cfg.model, cfg.packing, inputs)
+        ensure_token_store(prepare_dir, cfg.model, cfg.format, inputs)
     barrier(info)
     if info.local_rank == 0 and not path.is_dir():  # built into a temp folder and renamed: whole or absent
-        ensure_token_store(prepare_dir, cfg.model, cfg.packing, inputs)
+        ensure_token_store(prepare_dir, cfg.model, cfg.format, inputs)
     barrier(info)
     store = open_token_store(path)
-    examples, without_target = training_examples(store, cfg.packing.train_on_prompt)
+    examples, without_target = training_examples(store, cfg.format.train_on_prompt)
     if not len(examples):
         raise RunDirError(f"{train_file} holds no training examples with a target to learn")
     return examples, without_target

@@ -15,7 +15,7 @@ position under `train_on_prompt: false`, i.e. `max(prompt length, 1)`, or the ex
 nothing is trained; under `train_on_prompt: true` the labels do not depend on it. So one store
 serves both settings, and `train_on_prompt` is not part of the key.
 
-The key hashes everything the ids depend on: the tokenizer files, the packing settings that change
+The key hashes everything the ids depend on: the tokenizer files, the format settings that change
 the rendered text (template, prompt_language, include_explanation), train.jsonl's sha256, the
 source of `medtune/format.py` and the tokenizer library versions. `max_seq_len` and `overlong` act
 at collation, not here. A store is built in a temporary folder and renamed into place, so a
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.config import ModelConfig, PackingConfig
+from medtune.config import FormatConfig, ModelConfig
 from medtune.data.manifest import MANIFEST_NAME, sha256_file, write_json
 from medtune.errors import DataError
 from medtune.format import IGNORE_INDEX, Example, shifted_labels, tokenize_example
@@ -127,7 +127,7 @@ def training_examples(store: TokenStore, train_on_prompt: bool) -> tuple[StoredE
 # ---------------------------------------------------------------------------------------------- key
 
 
-def store_inputs(prepare_dir: Path, model: ModelConfig, packing: PackingConfig) -> dict[str, Any]:
+def store_inputs(prepare_dir: Path, model: ModelConfig, packing: FormatConfig) -> dict[str, Any]:
     """Everything the stored ids depend on; the store's key is a hash of this."""
     import tokenizers
     import transformers
@@ -193,7 +193,7 @@ def why_rebuild(prepare_dir: Path, inputs: dict[str, Any]) -> str:
 def ensure_token_store(
     prepare_dir: Path,
     model: ModelConfig,
-    packing: PackingConfig,
+    packing: FormatConfig,
     inputs: dict[str, Any],
     workers: int | None = None,
 ) -> tuple[Path, bool]:
@@ -217,7 +217,7 @@ Part = tuple[np.ndarray, np.ndarray, np.ndarray]
 def build_token_store(
     prepare_dir: Path,
     model: ModelConfig,
-    packing: PackingConfig,
+    packing: FormatConfig,
     inputs: dict[str, Any],
     path: Path,
     workers: int | None = None,
@@ -288,7 +288,7 @@ def _chunks(train: Path) -> list[tuple[int, int]]:
 
 
 def _tokenised_chunks(
-    train: Path, chunks: list[tuple[int, int]], model: ModelConfig, packing: PackingConfig, workers: int
+    train: Path, chunks: list[tuple[int, int]], model: ModelConfig, packing: FormatConfig, workers: int
 ) -> Iterator[Part]:
     """Each chunk's (ids, lengths, prompt_tokens), in file order."""
     # train_on_prompt off: the first trained position is then the prompt length (module docstring).
@@ -309,14 +309,14 @@ _WORKER_TOKENIZER: dict[Path, Any] = {}
 """In a pool worker, the tokenizer, loaded by the worker's first chunk."""
 
 
-def _worker_chunk(job: tuple[ModelConfig, PackingConfig, Path, int, int]) -> Part:
+def _worker_chunk(job: tuple[ModelConfig, FormatConfig, Path, int, int]) -> Part:
     model, packing, path, start, end = job
     if model.path not in _WORKER_TOKENIZER:
         _WORKER_TOKENIZER[model.path] = load_tokenizer(model)
     return _tokenise_chunk(_WORKER_TOKENIZER[model.path], packing, path, start, end)
 
 
-def _tokenise_chunk(tokenizer: Any, packing: PackingConfig, path: Path, start: int, end: int) -> Part:
+def _tokenise_chunk(tokenizer: Any, packing: FormatConfig, path: Path, start: int, end: int) -> Part:
     """Bytes [start, end) of train.jsonl, one record a line, as a Part."""
     with open(path, "rb") as f:
         f.seek(start)

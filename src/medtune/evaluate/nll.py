@@ -6,7 +6,7 @@ fine-tune helped or hurt (forgetting shows here first). Each eval record is scor
 scores it, through the same template, tokenizer, pre-shifted labels and packed forward
 (`medtune.loss.token_nll`). Two scopes:
 
-- `targets` (default): exactly the tokens training scores (`packing.train_on_prompt`), so the number
+- `targets` (default): exactly the tokens training scores (`format.train_on_prompt`), so the number
   is a held-out validation loss, comparable with the training loss;
 - `text`: a multiple-choice item's whole text (question, options and answer: its target alone is one
   letter), an instruction record's response given its prompt. This measures how the model reads
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from medtune.config import PackingConfig
+from medtune.config import FormatConfig, PackingConfig
 from medtune.data.schema import Record
 from medtune.evaluate.stats import bootstrap_ci, group_names, paired_bootstrap_ci
 
@@ -35,6 +35,7 @@ def score_nll(
     model: Any,
     tokenizer: Any,
     records: Sequence[Record],
+    fmt: FormatConfig,
     packing: PackingConfig,
     progress: Callable[[int], None] | None = None,
     scope: str = "targets",
@@ -55,9 +56,10 @@ def score_nll(
     if scope not in ("targets", "text"):
         raise ValueError(f"nll scope {scope!r} is not 'targets' or 'text'")
     for record in records:
-        whole = packing.train_on_prompt if scope == "targets" else record["kind"] == "mcqa"
-        cfg = packing.model_copy(update={"train_on_prompt": whole})
-        examples.append(tokenize_example(record, tokenizer, cfg))
+        whole = fmt.train_on_prompt if scope == "targets" else record["kind"] == "mcqa"
+        examples.append(
+            tokenize_example(record, tokenizer, fmt.model_copy(update={"train_on_prompt": whole}))
+        )
     lengths = [len(e["input_ids"]) for e in examples]
     pack = packing.model_copy(update={"mode": "packed", "max_seq_len": max([packing.max_seq_len, *lengths])})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -162,25 +164,3 @@ def paired_delta(a: np.ndarray, b: np.ndarray, n_samples: int, seed: int) -> dic
         "significant": not lo <= 0.0 <= hi,
         "b_lower_share": float(np.mean(b < a)),
     }
-
-
-def nll_rows(nll: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the held-out NLL table in `metrics.json["nll"]`: one column per model, then
-    tuned - base with its paired CI, marked "n.s." where the CI includes 0."""
-    labels = [k for k in ("base", "tuned") if k in nll]
-    header = ["group", "n", *[f"{label} NLL [95% CI]" for label in labels]]
-    pairs = nll.get("tuned_vs_base")
-    if pairs:
-        header.append("tuned - base [paired 95% CI]")
-    rows = []
-    for group, g in nll[labels[0]].items():
-        row = [group, str(g["n"])]
-        for label in labels:
-            t = nll[label][group]
-            row.append(f"{t['nll']:.3f} [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]")
-        if pairs and group in pairs:
-            d = pairs[group]
-            verdict = "" if d["significant"] else " n.s."
-            row.append(f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]{verdict}")
-        rows.append(row)
-    return header, rows

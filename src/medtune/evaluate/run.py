@@ -22,19 +22,19 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from medtune.config import RunConfig
 from medtune.data.schema import Record
 from medtune.errors import RunDirError
 from medtune.evaluate.compare import load_predictions, run_compare
 from medtune.evaluate.guard import GUARD_FILE, evaluate_guard, guard_lines
-from medtune.evaluate.nll import compare_nll, nll_rows, nll_table, read_nll, score_nll, write_nll
-from medtune.evaluate.score import build_items, score_items
+from medtune.evaluate.nll import compare_nll, nll_table, read_nll, score_nll, write_nll
+from medtune.evaluate.prompts import build_items
+from medtune.evaluate.score import score_items
 from medtune.evaluate.stats import accuracy_table
 from medtune.manifest import write_json_atomic
 from medtune.progress import progress_bar
+from medtune.report.tables import nll_rich_table, results_markdown, results_rich_table
 
 
 def load_eval_records(
@@ -100,7 +100,7 @@ def score_model(
     from medtune.model.load import load_model_for_inference
 
     model, tokenizer = load_model_for_inference(cfg, adapter_dir)
-    items = build_items(records, tokenizer, cfg.packing, cfg.eval.k_shot, pool, cfg.seed)
+    items = build_items(records, tokenizer, cfg.format, cfg.eval.k_shot, pool, cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_bar(f"eval {label} ({cfg.eval.mode})", total=len(items)) as advance:
         results = score_items(
@@ -115,7 +115,9 @@ def score_model(
         )
     if nll_records is not None:
         with progress_bar(f"held-out NLL {label}", total=len(nll_records)) as advance:
-            rows = score_nll(model, tokenizer, nll_records, cfg.packing, _steps(advance), cfg.eval.nll_scope)
+            rows = score_nll(
+                model, tokenizer, nll_records, cfg.format, cfg.packing, _steps(advance), cfg.eval.nll_scope
+            )
         write_nll(rows, out_dir / "nll.jsonl")
     del model
     gc.collect()
@@ -209,74 +211,4 @@ def _nll_metrics(cfg: RunConfig, out_dir: Path, labels: list[str]) -> dict[str, 
     out: dict[str, Any] = {label: nll_table(r, keys, n, seed) for label, r in rows.items()}
     if len(labels) == 2:
         out["tuned_vs_base"] = compare_nll(rows["base"], rows["tuned"], keys, n, seed)
-    return out
-
-
-def nll_rich_table(nll: dict[str, Any]) -> Table:
-    header, rows = nll_rows(nll)
-    out = Table(title="held-out NLL (nats/token, mean over items; lower is better)")
-    for col in header:
-        out.add_column(col, justify="left" if col == "group" else "right")
-    for row in rows:
-        out.add_row(*map(Text, row))  # group names are data, not rich markup
-    return out
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _row(name: str, g: dict[str, Any]) -> list[str]:
-    (wl, wh), (bl, bh) = g["wilson_95"], g["bootstrap_95"]
-    return [
-        name,
-        str(g["n"]),
-        _pct(g["accuracy"]),
-        f"[{_pct(wl)}, {_pct(wh)}]",
-        f"[{_pct(bl)}, {_pct(bh)}]",
-        str(g["unscorable"]),
-        str(g["unanswered"]),
-    ]
-
-
-_HEADER = ["group", "n", "acc %", "Wilson 95%", "bootstrap 95%", "unscorable", "unanswered"]
-
-
-def results_markdown(metrics: dict[str, Any]) -> str:
-    """results.md: one table per model, then the macro averages and the comparison verdicts."""
-    lines = [f"# Evaluation ({metrics['mode']}, {metrics['k_shot']}-shot, {metrics['n_items']} items)", ""]
-    if metrics["skipped"]:
-        lines += [f"Left out: {', '.join(f'{k}: {v}' for k, v in metrics['skipped'].items())}", ""]
-    for label, table in metrics["models"].items():
-        lines += [f"## {label}", "", "| " + " | ".join(_HEADER) + " |", "|" + "---|" * len(_HEADER)]
-        lines += ["| " + " | ".join(_row(name, g)) + " |" for name, g in table["groups"].items()]
-        macro = ", ".join(f"{k}: {_pct(v)}" for k, v in table["macro"].items())
-        lines += ["", f"Macro averages: {macro}", ""]
-    if "nll" in metrics:
-        header, rows = nll_rows(metrics["nll"])
-        lines += [
-            "## Held-out NLL (nats/token, mean over items; lower is better; n.s. = CI includes 0)",
-            "",
-            "| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header),
-            *["| " + " | ".join(r) + " |" for r in rows],
-            "",
-        ]
-    if "compare" in metrics:
-        lines += [
-            "## tuned vs base",
-            "",
-            "See compare.md for the paired table (McNemar, paired bootstrap).",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def results_rich_table(label: str, table: dict[str, Any]) -> Table:
-    """One model's per-group accuracies with both intervals, for the terminal."""
-    out = Table(title=f"{label}: accuracy by group")
-    for col in _HEADER:
-        out.add_column(col, justify="left" if col == "group" else "right")
-    for name, g in table["groups"].items():
-        out.add_row(*map(Text, _row(name, g)))
     return out

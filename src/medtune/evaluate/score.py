@@ -11,11 +11,13 @@ Three ways to ask a model which option is right, all from the same prompt the mo
 - **generate**: greedy decoding and a regex for the chosen letter; a reply with no recognisable
   answer is `unanswered` (reported, and counted as not correct).
 
-Tokenisation. Letter mode reads exactly the tokens training put after the prompt (prompt and target
-tokenised apart, as `medtune.format.tokenize_example` does). Option log-likelihood follows
-lm-evaluation-harness `_encode_pair` instead: trailing whitespace of the prompt moves to the
-continuation, `prompt + continuation` is encoded whole and split after the prompt's own token count,
-so `acc`/`acc_norm` match the harness token for token. On the plain template the two agree.
+Tokenisation is `medtune.format`'s. Letter mode reads exactly the tokens training put after the
+prompt (`encode_prompts`, `letter_tokens`: prompt and target tokenised apart). Option log-likelihood
+and generation follow lm-evaluation-harness (`encode_pairs`, `encode_like_harness`): trailing
+whitespace of the prompt moves to the continuation, `prompt + continuation` is encoded whole and
+split after the prompt's own token count, so `acc`/`acc_norm` match the harness token for token. On
+the plain template the two agree. The items themselves come from `medtune.evaluate.prompts`, the
+answer parsing and result lines from `medtune.evaluate.answers`.
 
 Batching: rows are sorted by length (longest first, so an out-of-memory shows up on the first batch),
 cut into batches of at most `batch_size` rows that pad no row by more than 5% of the batch's width,
@@ -29,190 +31,24 @@ Results are written back in input order, so output bytes do not depend on the so
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from medtune.data.schema import LETTERS, Record
+from medtune.data.schema import LETTERS
+from medtune.evaluate.answers import extract_answer, gold_is_valid, item_result
+from medtune.evaluate.prompts import McqaItem
+from medtune.format import encode_like_harness, encode_pairs, encode_prompts, letter_tokens
 
 Mode = Literal["letter", "loglik", "generate"]
 Progress = Callable[[int], None]
 # How many items are tokenised, scored and written together; within a chunk rows are length-sorted.
 CHUNK_BATCHES = 16
-
-
-class McqaItem(TypedDict):
-    """One question ready to score: the record, its full prompt and the target text of every letter."""
-
-    record: Record
-    prompt: str
-    """Everything before the answer (k-shot examples included), ending with the answer cue."""
-    targets: list[str]
-    """`render_target` of each option letter, e.g. [" A", " B", ...]: fixes the space convention."""
-
-
-# --------------------------------------------------------------------------------------- prompts
-def gold_is_valid(record: Record) -> bool:
-    """True when the record has >= 2 options and its answer is one of their letters."""
-    options = record.get("options") or []
-    answer = record.get("answer")
-    return len(options) >= 2 and isinstance(answer, str) and answer in LETTERS[: len(options)]
-
-
-def build_items(
-    records: Sequence[Record],
-    tokenizer: Any,
-    packing_cfg: Any,
-    k_shot: int = 0,
-    pool: Sequence[Record] = (),
-    seed: int = 0,
-) -> list[McqaItem]:
-    """Render every record's prompt (with `k_shot` examples drawn from `pool`) and letter targets.
-
-    Uses `medtune.format` so evaluation sees the very template training used. Targets are rendered
-    without explanations: only the answer itself is scored.
-    """
-    from medtune.format import render_prompt, render_target
-
-    target_cfg = packing_cfg.model_copy(update={"include_explanation": False})
-
-    def target(record: Record, letter: str) -> str:
-        return render_target({**record, "answer": letter, "explanation": None}, target_cfg, tokenizer)
-
-    index = index_pool(pool) if k_shot > 0 else None
-    items: list[McqaItem] = []
-    for record in records:
-        n_opt = max(len(record.get("options") or []), 2)
-        targets = [target(record, L) for L in LETTERS[:n_opt]]
-        shots = select_shots(record, index, k_shot, seed) if index is not None else []
-        parts = [render_prompt(s, tokenizer, packing_cfg) + target(s, s["answer"]) + "\n\n" for s in shots]
-        prompt = join_prompts([*parts, render_prompt(record, tokenizer, packing_cfg)], tokenizer)
-        items.append({"record": record, "prompt": prompt, "targets": targets})
-    return items
-
-
-def join_prompts(parts: Sequence[str], tokenizer: Any) -> str:
-    """Concatenate shot and question prompts, keeping only the first BOS a chat template writes."""
-    bos = getattr(tokenizer, "bos_token", None)
-    out = [parts[0]]
-    for part in parts[1:]:
-        out.append(part[len(bos) :] if bos and part.startswith(bos) else part)
-    return "".join(out)
-
-
-def index_pool(pool: Sequence[Record]) -> dict[str, dict[str, list[Record]]]:
-    """Few-shot candidates with a valid gold answer, by source and by language, each sorted by id.
-
-    Built once per eval so choosing shots is not a scan of the whole pool per question.
-    """
-    usable = sorted((r for r in pool if gold_is_valid(r)), key=lambda r: r["id"])
-    index: dict[str, dict[str, list[Record]]] = {"source": {}, "language": {}, "all": {"": usable}}
-    for r in usable:
-        index["source"].setdefault(r["source"], []).append(r)
-        index["language"].setdefault(r["language"], []).append(r)
-    return index
-
-
-def select_shots(record: Record, pool: Sequence[Record] | dict, k: int, seed: int) -> list[Record]:
-    """k examples for `record`: same source if possible, else same language, else any; never itself.
-
-    `pool` is a list of records or its `index_pool`. It must come from a split other than the eval
-    split (the caller guarantees it); the item is also excluded by id and by identical question
-    text, since KorMedMCQA's fewshot file repeats valid items. The draw is seeded per item id, so
-    it does not depend on the eval set's order.
-    """
-    if k <= 0:
-        return []
-    index = pool if isinstance(pool, dict) else index_pool(pool)
-    tiers = [
-        index["source"].get(record["source"], []),
-        index["language"].get(record["language"], []),
-        index["all"][""],
-    ]
-    candidates: list[Record] = []
-    for tier in tiers:
-        candidates = [r for r in tier if r["id"] != record["id"] and r["question"] != record["question"]]
-        if len(candidates) >= k:
-            break
-    if len(candidates) < k:
-        raise ValueError(f"k_shot={k} but only {len(candidates)} few-shot examples are available")
-    rng = torch.Generator().manual_seed(_stable_seed(record["id"], seed))
-    picks = torch.randperm(len(candidates), generator=rng)[:k].tolist()
-    return [candidates[i] for i in picks]
-
-
-def _stable_seed(text: str, seed: int) -> int:
-    """A seed from a string that, unlike hash(), is the same in every process."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{text}".encode()).digest()[:8], "little") >> 1
-
-
-# ----------------------------------------------------------------------------------- tokenising
-def encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text; BOS is added unless the text already starts with it (a chat template)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    has_bos = [bool(bos) and t.startswith(bos) for t in texts]
-    out: list[list[int]] = [[] for _ in texts]
-    for flag in (False, True):
-        idx = [i for i, h in enumerate(has_bos) if h == flag]
-        if idx:
-            ids = tokenizer([texts[i] for i in idx], add_special_tokens=not flag)["input_ids"]
-            for i, row in zip(idx, ids, strict=True):
-                out[i] = list(row)
-    return out
-
-
-def split_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(context ids, continuation ids) per pair, exactly as lm-evaluation-harness `_encode_pair`."""
-    contexts, wholes = [], []
-    for context, continuation in pairs:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        contexts.append(context)
-        wholes.append(context + continuation)
-    ctx_ids, whole_ids = encode(tokenizer, contexts), encode(tokenizer, wholes)
-    return [(c, w[len(c) :]) for c, w in zip(ctx_ids, whole_ids, strict=True)]
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """Prompt ids exactly as training builds them (`medtune.format.encode_prompt`), batched.
-
-    Tokenised without special tokens, with the tokenizer's BOS prefix added only where the text does
-    not already carry it (a chat template writes `{{ bos_token }}` itself). The prefix is looked up
-    once, not per prompt: this runs for every eval item.
-    """
-    from medtune.format import bos_prefix
-
-    prefix = bos_prefix(tokenizer)
-    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    return [list(r) if not prefix or list(r[: len(prefix)]) == prefix else prefix + list(r) for r in rows]
-
-
-def letter_tokens(tokenizer: Any, targets: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(tokens every answer starts with, the first differing token of each letter's target).
-
-    Targets are tokenised alone, as training does (`encode_target`), so the compared token is the one
-    the model was trained to emit after the prompt: `ĠB` after `Answer:` on the plain template, `B`
-    after a chat generation prompt. If all targets share leading tokens (a SentencePiece `▁` before
-    the letter), those are part of every answer: they are appended to the prompt and the next token
-    is compared, since P(shared) multiplies every option alike and cannot change the ranking. A
-    letter spelt with several tokens is scored by its first token only.
-    """
-    conts = [list(ids) for ids in tokenizer(list(targets), add_special_tokens=False)["input_ids"]]
-    shared = 0
-    while all(len(c) > shared + 1 for c in conts) and len({c[shared] for c in conts}) == 1:
-        shared += 1
-    firsts = [c[shared] if len(c) > shared else -1 for c in conts]
-    if -1 in firsts or len(set(firsts)) != len(firsts):
-        raise ValueError(f"answer letters do not map to distinct tokens: {targets} -> {conts}")
-    return conts[0][:shared], firsts
 
 
 # ------------------------------------------------------------------------------------- forward
@@ -333,11 +169,11 @@ def letter_scores(
     cache: dict[tuple[str, ...], tuple[list[int], list[int]]] = {}
     rows, candidates = [], []
     for item, prompt_ids in zip(
-        items, encode_prompts(tokenizer, [it["prompt"] for it in items]), strict=True
+        items, encode_prompts([it["prompt"] for it in items], tokenizer), strict=True
     ):
         key = tuple(item["targets"])
         if key not in cache:
-            cache[key] = letter_tokens(tokenizer, key)
+            cache[key] = letter_tokens(key, tokenizer)
         shared, firsts = cache[key]
         rows.append(_truncate(prompt_ids + shared, _max_len(model)))
         candidates.append(firsts)
@@ -367,7 +203,7 @@ def loglik_scores(
     model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int
 ) -> list[float]:
     """Summed log-probability of each continuation given its context (lm-eval `loglikelihood`)."""
-    encoded = split_pairs(tokenizer, pairs)
+    encoded = encode_pairs(pairs, tokenizer)
     # Like the harness: the model reads context + continuation minus the last token.
     rows = [_truncate((c + k)[:-1], _max_len(model)) for c, k in encoded]
     out = [0.0] * len(pairs)
@@ -386,7 +222,7 @@ def generate_texts(
     model: Any, tokenizer: Any, prompts: Sequence[str], batch_size: int, max_new_tokens: int
 ) -> list[str]:
     """Greedy continuations of each prompt, decoded without special tokens."""
-    rows = [_truncate(r, _max_len(model)) for r in encode(tokenizer, prompts)]
+    rows = [_truncate(r, _max_len(model)) for r in encode_like_harness(prompts, tokenizer)]
     out = [""] * len(prompts)
     for batch in _length_batches(rows, batch_size):
         padded = _left_pad([rows[i] for i in batch], _pad_id(tokenizer), _device_of(model))
@@ -398,64 +234,6 @@ def generate_texts(
         for j, i in enumerate(batch):
             out[i] = tokenizer.decode(new[j], skip_special_tokens=True)
     return out
-
-
-# ------------------------------------------------------------------------------ answer parsing
-_LETTER = r"([A-J])"
-# Most specific first: an explicit "answer is X" beats a stray "(B)" in a restated option.
-_ANSWER_PATTERNS = [
-    re.compile(r"정답\s*(?:은|는|:|：)?\s*[:：]?\s*\(?" + _LETTER + r"\)?(?![A-Za-z])"),
-    re.compile(r"(?:답|선택지)\s*(?:은|는|:|：)\s*\(?" + _LETTER + r"\)?(?![A-Za-z])"),
-    re.compile(r"(?i:answer)\s*(?:is|:)?\s*(?:option\s*)?[:：]?\s*\(?" + _LETTER + r"\)?(?![A-Za-z])"),
-    re.compile(r"(?i:correct (?:option|choice) is)\s*\(?" + _LETTER + r"\)?(?![A-Za-z])"),
-    re.compile(r"^\s*\(?" + _LETTER + r"\)?\s*(?:[.):：\]]|$|\s)"),
-    re.compile(r"\(" + _LETTER + r"\)"),
-    re.compile(r"(?<![A-Za-z])" + _LETTER + r"\s*(?:번|입니다|이다|가 정답|이 정답)"),
-]
-_NUMBER_ANSWER = re.compile(r"정답\s*(?:은|는|:)?\s*([1-9])\s*번|([1-9])\s*번\s*(?:입니다|이 정답|이다)")
-
-
-def extract_answer(text: str, n_options: int) -> str | None:
-    """The option letter a free-text reply chooses, or None when none is recognisable.
-
-    Handles "Answer: B", "The answer is (B)", "정답: B", "정답은 B입니다", "(B)", "B.", a bare "B",
-    and Korean option numbers ("정답은 2번" -> B). Only letters of existing options count.
-    """
-    valid = LETTERS[:n_options]
-    for pattern in _ANSWER_PATTERNS:
-        for match in pattern.finditer(text):
-            if match.group(1) in valid:
-                return match.group(1)
-    for match in _NUMBER_ANSWER.finditer(text):
-        number = int(match.group(1) or match.group(2))
-        if 1 <= number <= n_options:
-            return LETTERS[number - 1]
-    return None
-
-
-# -------------------------------------------------------------------------------- item results
-def item_result(record: Record, scores: list[float] | None, predicted: str | None, **extra: Any) -> dict:
-    """The per-item output line: identity, gold, prediction, scores and grouping fields."""
-    valid = gold_is_valid(record)
-    if not valid:
-        status, correct = "unscorable", None
-    elif predicted is None:
-        status, correct = "unanswered", False
-    else:
-        status, correct = "ok", predicted == record["answer"]
-    return {
-        "id": record["id"],
-        "gold": record.get("answer"),
-        "predicted": predicted,
-        "correct": correct,
-        "status": status,
-        "scores": None if scores is None else [round(s, 6) for s in scores],
-        "language": record.get("language"),
-        "source": record.get("source"),
-        "subject": record.get("subject"),
-        "tags": list(record.get("tags") or []),
-        **extra,
-    }
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -473,33 +251,55 @@ def score_chunk(
 ) -> list[dict]:
     """Score one chunk of items in `mode`; unscorable items are passed through unscored."""
     ok = [it for it in items if gold_is_valid(it["record"])]
-    by_id: dict[str, dict] = {}
     if mode == "letter":
-        for it, scores in zip(ok, letter_scores(model, tokenizer, ok, batch_size), strict=True):
-            by_id[it["record"]["id"]] = item_result(it["record"], scores, LETTERS[_argmax(scores)])
+        scored = _letter_results(model, tokenizer, ok, batch_size)
     elif mode == "loglik":
-        per_item = [option_pairs(it) for it in ok]
-        flat = loglik_scores(model, tokenizer, [p for pairs in per_item for p in pairs], batch_size)
-        start = 0
-        for it, pairs in zip(ok, per_item, strict=True):
-            scores, start = flat[start : start + len(pairs)], start + len(pairs)
-            # acc_norm divides by the option text's length in characters, as the harness does
-            # (`len(choice)`, without the leading delimiter).
-            norm = [s / max(len(t), 1) for s, t in zip(scores, it["record"]["options"], strict=True)]
-            pred_norm = LETTERS[_argmax(norm)]
-            by_id[it["record"]["id"]] = item_result(
+        scored = _loglik_results(model, tokenizer, ok, batch_size)
+    else:
+        scored = _generate_results(model, tokenizer, ok, batch_size, max_new_tokens)
+    by_id = {r["id"]: r for r in scored}
+    return [by_id.get(it["record"]["id"]) or item_result(it["record"], None, None) for it in items]
+
+
+def _letter_results(model: Any, tokenizer: Any, items: Sequence[McqaItem], batch_size: int) -> list[dict]:
+    """Letter mode: the letter whose token is likeliest right after the prompt."""
+    scores = letter_scores(model, tokenizer, items, batch_size)
+    return [item_result(it["record"], s, LETTERS[_argmax(s)]) for it, s in zip(items, scores, strict=True)]
+
+
+def _loglik_results(model: Any, tokenizer: Any, items: Sequence[McqaItem], batch_size: int) -> list[dict]:
+    """Option log-likelihood: `predicted` by the summed log-probability (`acc`), `predicted_norm` by
+    the sum per character of the option text (`acc_norm`)."""
+    per_item = [option_pairs(it) for it in items]
+    flat = loglik_scores(model, tokenizer, [p for pairs in per_item for p in pairs], batch_size)
+    out, start = [], 0
+    for it, pairs in zip(items, per_item, strict=True):
+        scores, start = flat[start : start + len(pairs)], start + len(pairs)
+        # acc_norm divides by the option text's length in characters, as the harness does
+        # (`len(choice)`, without the leading delimiter).
+        norm = [s / max(len(t), 1) for s, t in zip(scores, it["record"]["options"], strict=True)]
+        pred_norm = LETTERS[_argmax(norm)]
+        out.append(
+            item_result(
                 it["record"],
                 scores,
                 LETTERS[_argmax(scores)],
                 predicted_norm=pred_norm,
                 correct_norm=pred_norm == it["record"]["answer"],
             )
-    else:
-        texts = generate_texts(model, tokenizer, [it["prompt"] for it in ok], batch_size, max_new_tokens)
-        for it, text in zip(ok, texts, strict=True):
-            pred = extract_answer(text, len(it["record"]["options"]))
-            by_id[it["record"]["id"]] = item_result(it["record"], None, pred, generation=text)
-    return [by_id.get(it["record"]["id"]) or item_result(it["record"], None, None) for it in items]
+        )
+    return out
+
+
+def _generate_results(
+    model: Any, tokenizer: Any, items: Sequence[McqaItem], batch_size: int, max_new_tokens: int
+) -> list[dict]:
+    """Generation: the letter the greedy reply names, or unanswered."""
+    texts = generate_texts(model, tokenizer, [it["prompt"] for it in items], batch_size, max_new_tokens)
+    return [
+        item_result(it["record"], None, extract_answer(text, len(it["record"]["options"])), generation=text)
+        for it, text in zip(items, texts, strict=True)
+    ]
 
 
 def score_items(

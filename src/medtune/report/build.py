@@ -24,10 +24,10 @@ from typing import Any
 
 import yaml
 
-from medtune.evaluate.nll import nll_rows
 from medtune.evaluate.sweep_advice import format_change, headline_groups
 from medtune.manifest import finish_record, start_record
 from medtune.report.plots import Bar, SharePoint, accuracy_chart, efficiency_chart, loss_chart, share_chart
+from medtune.report.tables import nll_rows
 
 SIGNIFICANCE_LEVEL = 0.05
 CONFIG_KEYS = (
