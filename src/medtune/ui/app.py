@@ -240,7 +240,7 @@ def compare_runs(a_dir: Path, b_dir: Path) -> dict[str, Any]:
 def _nll_table(metrics: dict[str, Any] | None) -> tuple[list[str], list[list[str]]] | None:
     if not metrics or not metrics.get("nll"):
         return None
-    from medtune.evaluate.nll import nll_rows
+    from medtune.report.tables import nll_rows
 
     return nll_rows(metrics["nll"])
 
