@@ -7,20 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from scipy.stats import binomtest
 
 from medtune.evaluate.compare import compare_predictions, load_predictions, run_compare
 from medtune.evaluate.stats import wilson_ci
+from tests.conftest import mcqa_record
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two threads contend badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _item(i: int, correct: bool | None, lang: str) -> dict:
@@ -123,23 +116,16 @@ def test_load_predictions_errors(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ run_eval end to end
 def _records(n: int, source: str, lang: str, split: str) -> list[dict]:
     return [
-        {
-            "id": f"{source}:{split}:{i}",
-            "source": source,
-            "split": split,
-            "kind": "mcqa",
-            "language": lang,
-            "subject": "nurse" if lang == "ko" else None,
-            "tags": ["medical_law"] if i % 3 == 0 else [],
-            "question": f"{source} {split} question {i} about fever?",
-            "options": ["aspirin", "insulin", "rest", "fluids"],
-            "answer": "ABCD"[i % 4],
-            "explanation": None,
-            "context": None,
-            "prompt": None,
-            "response": None,
-            "provenance": {"file": "x", "line": i + 1},
-        }
+        mcqa_record(
+            i,
+            id=f"{source}:{split}:{i}",
+            source=source,
+            split=split,
+            language=lang,
+            subject="nurse" if lang == "ko" else None,
+            tags=["medical_law"] if i % 3 == 0 else [],
+            question=f"{source} {split} question {i} about fever?",
+        )
         for i in range(n)
     ]
 
