@@ -120,13 +120,7 @@ def run_sweep(
     from medtune.report.build import run_report
 
     cfg = load_config(cfg_path, overrides)
-    if cfg.distributed.nproc > 1:
-        raise ConfigError(
-            "sweep: cells train in this one process; set distributed.nproc=1 (or run the "
-            "cells yourself with `medtune run --set data.mix.ratio=...`)"
-        )
-    if not ratios or not seeds:
-        raise ConfigError("sweep: give at least one ratio and one seed")
+    _check_sweep(cfg, ratios, seeds)
     stages = stages or default_stages()
     sweep_dir = (Path(out_dir) if out_dir is not None else cfg.output.dir / "sweep").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +152,17 @@ def run_sweep(
     record["report"] = str(run_report(sweep_dir, sweep_dir / "report") / "report.html")
     _save(sweep_dir, record)
     return record
+
+
+def _check_sweep(cfg: RunConfig, ratios: list[dict[str, float]], seeds: list[int]) -> None:
+    """ConfigError for a sweep this process cannot run, before any cell starts."""
+    if cfg.distributed.nproc > 1:
+        raise ConfigError(
+            "sweep: cells train in this one process; set distributed.nproc=1 (or run the "
+            "cells yourself with `medtune run --set data.mix.ratio=...`)"
+        )
+    if not ratios or not seeds:
+        raise ConfigError("sweep: give at least one ratio and one seed")
 
 
 def _guard_cells(cfg: RunConfig, sweep_dir: Path, record: dict[str, Any]) -> None:
