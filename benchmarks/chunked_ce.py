@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import model_sizes
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -94,12 +95,7 @@ class VocabShareTracker(TorchDispatchMode):
 
 def build_model(device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Gemma3TextConfig]:
     config = Gemma3TextConfig(
-        vocab_size=GEMMA3_VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **model_sizes(GEMMA3_VOCAB, 128, 256, 2, 4, 2),
         head_dim=32,
         sliding_window=512,
         layer_types=["sliding_attention", "full_attention"],

@@ -31,6 +31,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import add_threads_option  # noqa: E402
 
 from medtune.config import FormatConfig, SourceConfig  # noqa: E402
 from medtune.data.read import iter_source  # noqa: E402
@@ -87,12 +88,7 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=200, help="items per dataset")
     parser.add_argument("--template", choices=["plain", "chat"], default="plain")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: on a shared, oversubscribed CPU more threads only contend)",
-    )
+    add_threads_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

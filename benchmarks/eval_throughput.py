@@ -50,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import add_threads_option  # noqa: E402
 
 from medtune.config import FormatConfig, SourceConfig  # noqa: E402
 from medtune.data.read import iter_source  # noqa: E402
@@ -208,12 +209,7 @@ def main() -> int:
         help="tiny model's vocabulary (>= the tiny tokenizer's 4096; the extra rows cost lm_head work as in "
         "real models with 32k-262k vocabularies, though the tokenizer never produces them)",
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch CPU threads (1: on a shared, oversubscribed CPU more threads only contend)",
-    )
+    add_threads_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer

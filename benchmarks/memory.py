@@ -40,7 +40,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from _common import cpu_name
+from _common import cpu_name, model_sizes
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
@@ -54,36 +54,13 @@ from medtune.train import CausalLMLoss
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 
+
 MODELS = {  # kept small: the build machine's 2 CPU cores are shared
-    "llama-16m": LlamaConfig(
-        vocab_size=8192,
-        hidden_size=384,
-        intermediate_size=1024,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    ),
+    "llama-16m": LlamaConfig(**model_sizes(8192, 384, 1024, 6, 6, 2), tie_word_embeddings=False),
     "gemma3-20m": Gemma3TextConfig(
-        vocab_size=16384,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=128,
-        sliding_window=512,
-        query_pre_attn_scalar=128,
+        **model_sizes(16384, 512, 1536, 4, 4, 1), head_dim=128, sliding_window=512, query_pre_attn_scalar=128
     ),
-    "llama-57m": LlamaConfig(
-        vocab_size=16000,
-        hidden_size=640,
-        intermediate_size=1792,
-        num_hidden_layers=8,
-        num_attention_heads=10,
-        num_key_value_heads=5,
-        tie_word_embeddings=False,
-    ),
+    "llama-57m": LlamaConfig(**model_sizes(16000, 640, 1792, 8, 10, 5), tie_word_embeddings=False),
 }
 SETTINGS = [  # (quant, checkpoint_every_k, seq_len); seq_len stays under Gemma's sliding window
     ("nf4", 1, 256),

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from medtune.data.schema import Record
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -56,3 +60,53 @@ def tiny_gemma_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from medtune.model.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma"), "gemma3")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU OpenMP spin-waiting across threads
+    costs 10x. A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_dims(
+    vocab: int = 512, hidden: int = 64, inner: int = 128, layers: int = 2, heads: int = 4, kv: int = 2
+) -> dict[str, int]:
+    """The sizes of a tiny test transformer, under transformers' config names (`inner`: the MLP's)."""
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    return dict(zip([*names, "num_key_value_heads"], (vocab, hidden, inner, layers, heads, kv), strict=True))
+
+
+def validated_record(**fields: Any) -> Record:
+    """A record through the real `build_record`, with a source, split, id and provenance filled in."""
+    from medtune.data.validate import build_record
+
+    defaults = {"source": "s", "split": "train", "row_id": "1", "provenance": {"file": "f", "line": 1}}
+    return build_record(**{**defaults, **fields})
+
+
+def mcqa_record(i: int, **fields: Any) -> dict[str, Any]:
+    """Item `i` as prepare writes an MCQA record to eval.jsonl; `fields` replace the defaults."""
+    return {
+        "id": f"q{i}",
+        "source": "quiz",
+        "split": "eval",
+        "kind": "mcqa",
+        "language": "en",
+        "subject": None,
+        "tags": [],
+        "question": f"question {i}?",
+        "options": ["aspirin", "insulin", "rest", "fluids"],
+        "answer": "ABCD"[i % 4],
+        "explanation": None,
+        "context": None,
+        "prompt": None,
+        "response": None,
+        "provenance": {"file": "x", "line": i + 1},
+        **fields,
+    }

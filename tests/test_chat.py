@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
 
 from medtune.chat import build_prompt, encode_prompt, load_chat_model, run_chat
@@ -15,13 +14,7 @@ from medtune.config import FormatConfig
 from medtune.errors import RunDirError
 from tests.test_export import make_run
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scripted(lines: list[str]):

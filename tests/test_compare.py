@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import binomtest
 
 from medtune.evaluate.compare import (
@@ -21,15 +20,9 @@ from medtune.evaluate.compare import (
     run_compare_seeds,
 )
 from medtune.evaluate.stats import wilson_ci
+from tests.conftest import mcqa_record
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two threads contend badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _item(i: int, correct: bool | None, lang: str) -> dict:
@@ -301,23 +294,16 @@ def test_one_run_on_a_side_is_said_and_a_missing_nll_is_named(tmp_path: Path) ->
 # ------------------------------------------------------------------------------ run_eval end to end
 def _records(n: int, source: str, lang: str, split: str) -> list[dict]:
     return [
-        {
-            "id": f"{source}:{split}:{i}",
-            "source": source,
-            "split": split,
-            "kind": "mcqa",
-            "language": lang,
-            "subject": "nurse" if lang == "ko" else None,
-            "tags": ["medical_law"] if i % 3 == 0 else [],
-            "question": f"{source} {split} question {i} about fever?",
-            "options": ["aspirin", "insulin", "rest", "fluids"],
-            "answer": "ABCD"[i % 4],
-            "explanation": None,
-            "context": None,
-            "prompt": None,
-            "response": None,
-            "provenance": {"file": "x", "line": i + 1},
-        }
+        mcqa_record(
+            i,
+            id=f"{source}:{split}:{i}",
+            source=source,
+            split=split,
+            language=lang,
+            subject="nurse" if lang == "ko" else None,
+            tags=["medical_law"] if i % 3 == 0 else [],
+            question=f"{source} {split} question {i} about fever?",
+        )
         for i in range(n)
     ]
 

@@ -12,17 +12,11 @@ from safetensors.torch import load_file
 
 from medtune.config import RunConfig
 from medtune.errors import ConfigError, ModelError, RunDirError
-from medtune.export import PROMPTS, read_run, run_export
+from medtune.export import read_run, run_export
 from medtune.model.gguf_export import permute_qk, read_back
+from medtune.model.probe import PROMPTS
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: OpenMP spin-waiting across threads costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_run(tmp: Path, model_dir: Path, seed: int = 0) -> Path:

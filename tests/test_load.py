@@ -20,6 +20,7 @@ from medtune.model.load import (
     load_tokenizer,
 )
 from medtune.model.measure import model_bytes, peak_training_memory
+from tests.conftest import tiny_dims
 
 MODES = ["none", "nf4", "fp4", "int8"]
 
@@ -46,12 +47,7 @@ def tiny_gemma_mm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-gemma-mm")
     config = Gemma3Config(
         text_config=dict(
-            vocab_size=600,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **tiny_dims(vocab=600),
             head_dim=16,
             sliding_window=16,
             layer_types=["sliding_attention", "full_attention"],

@@ -23,6 +23,7 @@ from medtune.loss import (
     token_nll,
 )
 from medtune.offload import OffloadActivations, apply_activation_checkpointing
+from tests.conftest import tiny_dims
 
 ATOL = 1e-5
 CHUNK = 16  # the config minimum; the batches below have 19-29 targets, so chunks never divide evenly
@@ -31,12 +32,7 @@ CHUNK = 16  # the config minimum; the batches below have 19-29 targets, so chunk
 def tiny_gemma2() -> torch.nn.Module:
     """Gemma 2 with final-logit soft-capping, the architecture that exercises the tanh cap."""
     config = Gemma2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **tiny_dims(),
         head_dim=16,
         sliding_window=16,
         final_logit_softcapping=30.0,
@@ -347,12 +343,7 @@ def test_checkpoint_every_k_layers() -> None:
     """Chosen layers are replayed in backward (their attention runs twice), others not; grads unchanged;
     with offloading on, each checkpointed layer's saved input goes through the offload hooks."""
     config = Gemma2Config(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        **tiny_dims(hidden=32, inner=64, layers=3, heads=2, kv=1),
         head_dim=16,
         sliding_window=16,
     )

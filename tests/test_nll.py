@@ -13,30 +13,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from medtune.config import FormatConfig, PackingConfig, validate_config
 from medtune.evaluate.nll import compare_nll, nll_table, score_nll
 from medtune.format import render_prompt, render_target
+from tests.conftest import mcqa_record
 
 KEYS = ("language", "source", "subject", "tag")
 
 
 def _mcqa(i: int, lang: str) -> dict:
-    return {
-        "id": f"mcqa-{lang}-{i}",
-        "source": f"quiz_{lang}",
-        "split": "eval",
-        "kind": "mcqa",
-        "language": lang,
-        "subject": None,
-        "tags": ["medical_law"] if i == 0 else [],
-        "question": "고혈압 환자의 치료는? " * (1 + 3 * i)
-        if lang == "ko"
-        else "Which drug lowers fever? " * (1 + i),
-        "options": ["aspirin", "insulin", "rest", "fluids"],
-        "answer": "ABCD"[i % 4],
-        "explanation": None,
-        "context": None,
-        "prompt": None,
-        "response": None,
-        "provenance": {"file": "x", "line": i + 1},
-    }
+    question = (
+        "고혈압 환자의 치료는? " * (1 + 3 * i) if lang == "ko" else "Which drug lowers fever? " * (1 + i)
+    )
+    return mcqa_record(
+        i,
+        id=f"mcqa-{lang}-{i}",
+        source=f"quiz_{lang}",
+        language=lang,
+        tags=["medical_law"] if i == 0 else [],
+        question=question,
+    )
 
 
 def _dialogue(i: int) -> dict:

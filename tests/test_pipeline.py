@@ -39,14 +39,8 @@ def quickstart_config(tmp_path: Path, model_dir: Path, **train: object) -> Path:
     return path
 
 
-@pytest.mark.slow
-def test_run_writes_every_stage_offline(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    blocker = tmp_path / "block"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCK_SOCKETS)
-    cfg = quickstart_config(tmp_path, tiny_llama_dir)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")])
+def medtune_run(cfg: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`medtune run CFG` in a child process; fails the test, with the output's tail, unless it exits 0."""
     result = subprocess.run(
         [sys.executable, "-m", "medtune", "run", str(cfg)],
         capture_output=True,
@@ -55,6 +49,18 @@ def test_run_writes_every_stage_offline(tmp_path: Path, tiny_llama_dir: Path) ->
         timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_run_writes_every_stage_offline(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_SOCKETS)
+    cfg = quickstart_config(tmp_path, tiny_llama_dir)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env.get("PYTHONPATH", "")])
+    result = medtune_run(cfg, env)
 
     run = tmp_path / "run"
     expected = [
@@ -87,14 +93,7 @@ def test_run_writes_every_stage_offline(tmp_path: Path, tiny_llama_dir: Path) ->
 
     # Again over the finished run: every stage is skipped (prepare/ untouched), the report rebuilt.
     prepared = {p.name: p.stat().st_mtime_ns for p in (run / "prepare").iterdir()}
-    again = subprocess.run(
-        [sys.executable, "-m", "medtune", "run", str(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    again = medtune_run(cfg, env)
     for stage in ("prepare", "train", "eval"):
         assert f"{stage}: already finished" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (run / "prepare").iterdir()} == prepared

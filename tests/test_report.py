@@ -14,7 +14,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from medtune.report.build import delta_rows, model_groups, run_report
+from medtune.report.build import run_report
+from medtune.report.inputs import delta_rows, model_groups
 from tests.conftest import skip_unless_required
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

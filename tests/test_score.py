@@ -45,13 +45,7 @@ def make_record(
 RECORDS = [make_record(i, "ko" if i % 2 else "en", n_options=4 + i % 2) for i in range(12)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU two threads contend badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

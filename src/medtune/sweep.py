@@ -120,13 +120,7 @@ def run_sweep(
     from medtune.report.build import run_report
 
     cfg = load_config(cfg_path, overrides)
-    if cfg.distributed.nproc > 1:
-        raise ConfigError(
-            "sweep: cells train in this one process; set distributed.nproc=1 (or run the "
-            "cells yourself with `medtune run --set data.mix.ratio=...`)"
-        )
-    if not ratios or not seeds:
-        raise ConfigError("sweep: give at least one ratio and one seed")
+    _check_sweep(cfg, ratios, seeds)
     stages = stages or default_stages()
     sweep_dir = (Path(out_dir) if out_dir is not None else cfg.output.dir / "sweep").resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -160,36 +154,31 @@ def run_sweep(
     return record
 
 
+def _check_sweep(cfg: RunConfig, ratios: list[dict[str, float]], seeds: list[int]) -> None:
+    """ConfigError for a sweep this process cannot run, before any cell starts."""
+    if cfg.distributed.nproc > 1:
+        raise ConfigError(
+            "sweep: cells train in this one process; set distributed.nproc=1 (or run the "
+            "cells yourself with `medtune run --set data.mix.ratio=...`)"
+        )
+    if not ratios or not seeds:
+        raise ConfigError("sweep: give at least one ratio and one seed")
+
+
 def _guard_cells(cfg: RunConfig, sweep_dir: Path, record: dict[str, Any]) -> None:
     """With `eval.guard`, judge each finished cell against the shared base and write its eval/guard.json,
     so `medtune export` on a cell refuses a model that forgot a protected group."""
-    from medtune.evaluate.compare import load_predictions
-    from medtune.evaluate.guard import GUARD_FILE, evaluate_guard
-    from medtune.evaluate.nll import read_nll
     from medtune.evaluate.run import group_keys
+    from medtune.evaluate.versus_base import guard_vs_base
 
     base_dir = sweep_dir / "base" / "eval" / "base"
     if not cfg.eval.guard or not (base_dir / "predictions.jsonl").is_file():
         return
-    base = load_predictions(base_dir / "predictions.jsonl")
-    base_nll = read_nll(base_dir / "nll.jsonl") if (base_dir / "nll.jsonl").is_file() else None
     for cell in record["cells"]:
         tuned_dir = sweep_dir / cell["dir"] / "eval" / "tuned"
         if cell["status"] not in ("ok", "skipped") or not (tuned_dir / "predictions.jsonl").is_file():
             continue
-        tuned_nll = read_nll(tuned_dir / "nll.jsonl") if (tuned_dir / "nll.jsonl").is_file() else None
-        verdict = evaluate_guard(
-            cfg.eval.guard,
-            base,
-            load_predictions(tuned_dir / "predictions.jsonl"),
-            base_nll,
-            tuned_nll,
-            group_keys(cfg),
-            cfg.eval.bootstrap_samples,
-            cfg.seed,
-        )
-        write_json_atomic(tuned_dir.parent / GUARD_FILE, verdict)
-        cell["guard_passed"] = verdict["passed"]
+        cell["guard_passed"] = guard_vs_base(cfg, base_dir, tuned_dir, group_keys(cfg))["passed"]
 
 
 def _save(sweep_dir: Path, record: dict[str, Any]) -> None:
@@ -297,14 +286,9 @@ def _compare_with_base(
     base_preds = sweep_dir / base.get("predictions", "base/eval/base/predictions.jsonl")
     if base.get("status") != "ok" or not base_preds.is_file():
         return {"same_eval_set": None, "compare_skipped": "the base model was not scored (see base.error)"}
-    compared = stages.compare(
-        base_preds,
-        eval_dir / "tuned" / "predictions.jsonl",
-        None,
-        eval_dir,
-        ccfg.eval.bootstrap_samples,
-        ccfg.seed,
-    )
+    from medtune.evaluate.versus_base import compare_with_base
+
+    compared = compare_with_base(ccfg, base_preds.parent, eval_dir / "tuned", eval_dir, stages.compare)
     _compare_nll_with_base(ccfg, base_preds.parent / "nll.jsonl", eval_dir)
     # Cells see the same eval items when prepare wrote byte-identical eval.jsonl files; the compare
     # stage pairs by id anyway, and reports items only one side has.

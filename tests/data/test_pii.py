@@ -12,7 +12,7 @@ import pytest
 from medtune.config import SourceConfig
 from medtune.data.pii import PII_TYPES, scrub_record, scrub_text
 from medtune.data.read import iter_source
-from medtune.data.validate import build_record
+from tests.conftest import validated_record
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "pii.py"
 
@@ -74,11 +74,7 @@ def test_typed_placeholders_and_counts():
 
 
 def test_scrub_record_covers_every_training_field():
-    rec = build_record(
-        source="s",
-        split="train",
-        row_id="1",
-        provenance={"file": "f", "line": 1},
+    rec = validated_record(
         question="Call 555-123-4567?",
         options=["MRN: 1234567", "b"],
         answer="A",
@@ -106,11 +102,7 @@ def test_context_is_scrubbed(tmp_path):
 
 
 def test_context_given_as_a_list_is_scrubbed_item_by_item():
-    rec = build_record(
-        source="s",
-        split="train",
-        row_id="1",
-        provenance={"file": "f", "line": 1},
+    rec = validated_record(
         question="Q?",
         options=["a", "b"],
         answer="A",
@@ -121,11 +113,7 @@ def test_context_given_as_a_list_is_scrubbed_item_by_item():
 
 
 def test_free_text_answer_is_scrubbed():
-    rec = build_record(
-        source="s",
-        split="train",
-        row_id="1",
-        provenance={"file": "f", "line": 1},
+    rec = validated_record(
         prompt="Who?",
         response="Ask him.",
     )
@@ -135,11 +123,7 @@ def test_free_text_answer_is_scrubbed():
 
 def test_instruction_prompt_is_counted_once():
     """Instruction records carry the prompt as `question` too; it is one text, one count."""
-    rec = build_record(
-        source="s",
-        split="train",
-        row_id="1",
-        provenance={"file": "f", "line": 1},
+    rec = validated_record(
         prompt="생년월일 1990.01.01 환자",
         response="DOB 1980-02-03 and 010-2345-6789",
     )

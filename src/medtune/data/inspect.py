@@ -20,8 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from medtune.config import RunConfig
-from medtune.data.manifest import write_json
-from medtune.data.prepare import SPOOL, collect, training_text
+from medtune.data.collect import SPOOL, collect
+from medtune.data.manifest import FLOW_KEYS, write_json
+from medtune.data.prepare import training_text
 from medtune.data.schema import Record
 
 BIN_EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -101,27 +102,7 @@ def run_inspect(cfg: RunConfig, out_json: Path | None = None, console: Console |
 
 
 def _print(report: dict[str, Any], console: Console) -> None:
-    t = Table(title="Sources: where every record went")
-    for col in ("source", "in", "quarantined", "dup exact", "dup near", "contaminated", "kept", "languages"):
-        t.add_column(col, justify="left" if col in ("source", "languages") else "right")
-    for name, c in report["sources"].items():
-        langs = ", ".join(f"{k} {v}" for k, v in c["languages"].items())
-        t.add_row(
-            Text(name),  # a user's source name, not rich markup
-            *(
-                str(c[k])
-                for k in (
-                    "records_in",
-                    "quarantined",
-                    "duplicates_exact",
-                    "duplicates_near",
-                    "contaminated_removed",
-                    "kept",
-                )
-            ),
-            langs,
-        )
-    console.print(t)
+    console.print(_sources_table(report))
     unit = report["length_unit"]
     lt = Table(title=f"Lengths ({unit}, question + options + answer + explanation / prompt + response)")
     for col in ("split", "source", "n", "min", "median", "p95", "max"):
@@ -151,3 +132,14 @@ def _print(report: dict[str, Any], console: Console) -> None:
             )
         console.print(ct)
     console.print(f"PII replaced in training text: {report['pii'] or 'none found'}")
+
+
+def _sources_table(report: dict[str, Any]) -> Table:
+    t = Table(title="Sources: where every record went")
+    for col in ("source", "in", "quarantined", "dup exact", "dup near", "contaminated", "kept", "languages"):
+        t.add_column(col, justify="left" if col in ("source", "languages") else "right")
+    for name, c in report["sources"].items():
+        langs = ", ".join(f"{k} {v}" for k, v in c["languages"].items())
+        # a user's source name, not rich markup
+        t.add_row(Text(name), *(str(c[k]) for k in FLOW_KEYS), langs)
+    return t

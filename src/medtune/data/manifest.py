@@ -18,6 +18,18 @@ from typing import Any
 MANIFEST_NAME = "manifest.json"
 
 
+FLOW_KEYS = (
+    "records_in",
+    "quarantined",
+    "duplicates_exact",
+    "duplicates_near",
+    "contaminated_removed",
+    "kept",
+)
+"""The `SourceCounts` fields that say where records went, in table order: `records_in` is the sum of
+the other five (`SourceCounts.check`)."""
+
+
 @dataclass
 class SourceCounts:
     """Where every record read from one source went. `records_in` is everything read."""

@@ -8,6 +8,9 @@ Readers yield `Record` or `Rejected`.
 Ids are the join key of predictions and reports. A row without an id of its own gets one made of
 its file (relative to the source path) and line, `shard-00002.jsonl:4`: unique by construction
 across the files of a folder and across sources of one layout, and the same on every run.
+
+Finding files, the generic readers and the public layouts stay in one module (~400 lines): the
+layouts are a few lines each on top of the same file-finding and row helpers.
 """
 
 from __future__ import annotations

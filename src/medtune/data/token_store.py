@@ -323,20 +323,29 @@ def _tokenise_chunk(tokenizer: Any, packing: FormatConfig, path: Path, start: in
         data = f.read(end - start)
     ids: list[int] = []
     lengths, prompts = [], []
-    at = start
-    for line in data.split(b"\n"):
-        at += len(line) + 1
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: the line ending at byte {at - 1} is not JSON: {exc}") from None
+    for record in _chunk_records(data, start, path):
         example = tokenize_example(record, tokenizer, packing)
         ids += example["input_ids"]
         lengths.append(len(example["input_ids"]))
         prompts.append(_first_trained(example))
     return np.asarray(ids, dtype=np.int32), np.asarray(lengths, dtype=np.int64), np.asarray(prompts, np.int32)
+
+
+def _chunk_records(data: bytes, start: int, path: Path) -> Iterator[dict[str, Any]]:
+    """The records in `data`, the bytes of `path` from offset `start`; a bad line is named by the byte
+    it ends at, since a worker sees only its chunk and not line numbers."""
+    at = start
+    for line in data.split(b"\n"):
+        at += len(line) + 1
+        if line.strip():
+            yield _parse_line(line, path, at - 1)
+
+
+def _parse_line(line: bytes, path: Path, end: int) -> dict[str, Any]:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: the line ending at byte {end} is not JSON: {exc}") from None
 
 
 def _first_trained(example: Example) -> int:

@@ -26,12 +26,12 @@ from rich.console import Console
 from medtune.config import RunConfig
 from medtune.data.schema import Record
 from medtune.errors import RunDirError
-from medtune.evaluate.compare import load_predictions, run_compare
-from medtune.evaluate.guard import GUARD_FILE, evaluate_guard, guard_lines
+from medtune.evaluate.guard import GUARD_FILE, guard_lines
 from medtune.evaluate.nll import compare_nll, nll_table, read_nll, score_nll, write_nll
 from medtune.evaluate.prompts import build_items
 from medtune.evaluate.score import score_items
 from medtune.evaluate.stats import accuracy_table
+from medtune.evaluate.versus_base import compare_with_base, guard_vs_base
 from medtune.manifest import write_json_atomic
 from medtune.progress import progress_bar
 from medtune.report.tables import nll_rich_table, results_markdown, results_rich_table
@@ -153,14 +153,7 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
             cfg, records, pool, model_adapter, out_dir / label, label, nll_records
         )
     if len(labels) == 2:
-        compared = run_compare(
-            out_dir / "base" / "predictions.jsonl",
-            out_dir / "tuned" / "predictions.jsonl",
-            None,
-            out_dir,
-            cfg.eval.bootstrap_samples,
-            cfg.seed,
-        )
+        compared = compare_with_base(cfg, out_dir / "base", out_dir / "tuned", out_dir)
         metrics["compare"] = {
             g: {k: v[k] for k in ("delta_pp", "ci95_pp", "mcnemar_p", "significant")}
             for g, v in compared["groups"].items()
@@ -188,20 +181,7 @@ def run_eval(cfg: RunConfig, prepare_dir: Path, train_dir: Path | None, out_dir:
 def record_guard(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
     """Judge the tuned model against the base by `eval.guard` from the files just written; write
     eval/guard.json (read by the report and by `medtune export`) and return the verdict."""
-    nll = {label: out_dir / label / "nll.jsonl" for label in ("base", "tuned")}
-    has_nll = all(p.is_file() for p in nll.values())
-    verdict = evaluate_guard(
-        cfg.eval.guard,
-        load_predictions(out_dir / "base" / "predictions.jsonl"),
-        load_predictions(out_dir / "tuned" / "predictions.jsonl"),
-        read_nll(nll["base"]) if has_nll else None,
-        read_nll(nll["tuned"]) if has_nll else None,
-        group_keys(cfg),
-        cfg.eval.bootstrap_samples,
-        cfg.seed,
-    )
-    write_json_atomic(out_dir / GUARD_FILE, verdict)
-    return verdict
+    return guard_vs_base(cfg, out_dir / "base", out_dir / "tuned", group_keys(cfg))
 
 
 def _nll_metrics(cfg: RunConfig, out_dir: Path, labels: list[str]) -> dict[str, Any]:

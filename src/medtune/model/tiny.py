@@ -81,36 +81,25 @@ def tiny_config(arch: Arch, vocab_size: int, tokenizer: PreTrainedTokenizerFast,
         "pad_token_id": tokenizer.pad_token_id,
         "initializer_range": 0.1,
     }
-    if arch == "llama":
-        kw = dict(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            tie_word_embeddings=False,
-            **ids,
-        )
-        kw.update(overrides)
-        return LlamaConfig(**kw)
-    kw = dict(
+    shared = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=2048,
+        **ids,
+    )
+    if arch == "llama":
+        return LlamaConfig(**{**shared, "tie_word_embeddings": False, **overrides})
+    gemma = dict(
+        head_dim=16,
         sliding_window=16,
         layer_types=["sliding_attention", "full_attention"],
         query_pre_attn_scalar=16,
-        **ids,
     )
-    kw.update(overrides)
-    return Gemma3TextConfig(**kw)
+    return Gemma3TextConfig(**{**shared, **gemma, **overrides})
 
 
 def build_tiny_model(
