@@ -22,7 +22,7 @@ from medtune.loss import (
     resolve_ce_mode,
     token_nll,
 )
-from medtune.offload import OffloadActivations, apply_activation_checkpointing
+from medtune.train.offload import OffloadActivations, apply_activation_checkpointing
 
 ATOL = 1e-5
 CHUNK = 16  # the config minimum; the batches below have 19-29 targets, so chunks never divide evenly
@@ -412,7 +412,7 @@ for mode in ("on", "off"):
     model = build()
     for layer in model.get_base_model().model.layers:
         fully_shard(layer)
-    fully_shard(model, reshard_after_forward=False)  # the root unit, as medtune.distributed shards it
+    fully_shard(model, reshard_after_forward=False)  # the root unit, as medtune.train.distributed shards it
     got, _ = loss_sum(model, batch, TrainConfig(chunked_ce=mode, ce_chunk_size=16))
     got.backward()
     torch.testing.assert_close(got, want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -338,3 +339,40 @@ def test_fsdp2_ranks_draw_different_dropout_masks(tmp_path: Path, tiny_llama_dir
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     states = [(tmp_path / "run" / f"dropout-rng-rank{r}.txt").read_text() for r in (0, 1)]
     assert states[0] != states[1], "both ranks drew their dropout masks from the same random state"
+
+
+QUARTER_COS = (1 + math.sqrt(0.5)) / 2  # 0.5 * (1 + cos(pi / 4))
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "warmup", "want"),
+    [
+        ("constant", 2, [1 / 3, 2 / 3, 1, 1, 1, 1]),
+        ("linear", 2, [1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25]),
+        ("cosine", 2, [1 / 3, 2 / 3, 1, QUARTER_COS, 0.5, 1 - QUARTER_COS]),
+        (
+            "cosine",
+            0,
+            [1, (1 + math.cos(math.pi / 6)) / 2, 0.75, 0.5, 0.25, 1 - (1 + math.cos(math.pi / 6)) / 2],
+        ),
+        ("linear", 0, [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+    ],
+)
+def test_lr_schedule_at_every_step(scheduler: str, warmup: int, want: list[float]) -> None:
+    """The lr of each of 6 steps: warmup climbs (step + 1) / (warmup + 1), so step 0 already learns
+    (transformers' schedules start warmup at lr 0), then the decay reaches 0 after the last step."""
+    from medtune.config import TrainConfig
+    from medtune.train.optim import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    schedule = build_scheduler(TrainConfig(lr=2.0, warmup_steps=warmup, scheduler=scheduler), optimizer, 6)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([2.0 * f for f in want], rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.0 if scheduler != "constant" else 2.0, abs=1e-12
+    )

@@ -41,6 +41,19 @@ from medtune.format import IGNORE_INDEX
 from medtune.packing import assert_isolated_forward
 
 
+class CausalLMLoss(nn.Module):
+    """The model plus its loss as one module, so FSDP2's root unit spans the whole loss computation
+    (embeddings, norm and lm_head stay gathered while the chunked loss uses them)."""
+
+    def __init__(self, model: nn.Module, train_cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, batch, self.train_cfg)
+
+
 def loss_sum(model: nn.Module, batch: Mapping[str, Any], train_cfg: TrainConfig) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropies over target tokens (labels != -100) and the number of those tokens.
 
