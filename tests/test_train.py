@@ -236,6 +236,14 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path: Path, tiny_ll
     with pytest.raises(RunDirError, match="another config"):
         run_train(cfg, cfg.output.dir / "prepare", cfg.output.dir / "train", resume=True)
 
+    from medtune.train.checkpoint import resumable_checkpoint
+
+    root = cfg.output.dir / "train" / "checkpoints"
+    with pytest.raises(RunDirError, match="by 1 process"):  # another world size deals out other rows
+        resumable_checkpoint(root, cfg.config_hash(), world_size=2, force=True)
+    path, state = resumable_checkpoint(root, load_config(cfg_path).config_hash(), 1, force=False)
+    assert path.name == "step-00000002" and state.step == 2 and state.world_size == 1
+
 
 def _torchrun(cfg_path: Path, nproc: int) -> None:
     cmd = [
