@@ -384,3 +384,35 @@ def test_lr_schedule_at_every_step(scheduler: str, warmup: int, want: list[float
     assert optimizer.param_groups[0]["lr"] == pytest.approx(
         0.0 if scheduler != "constant" else 2.0, abs=1e-12
     )
+
+
+@pytest.mark.parametrize(("mbs", "accum", "world"), [(8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 2, 4), (3, 2, 2)])
+def test_every_split_of_a_global_batch_trains_on_its_rows_once(mbs: int, accum: int, world: int) -> None:
+    """micro_batch_rows deals a global batch out over accumulation steps and ranks: whatever the
+    split, every row is trained on exactly once (the accumulation and FSDP parity tests rest on it)."""
+    from medtune.train.data import micro_batch_rows
+    from medtune.train.distributed import DistInfo
+
+    window = [[i] for i in range(mbs * accum * world)]
+    taken = [
+        row
+        for rank in range(world)
+        for i in range(accum)
+        for row in micro_batch_rows(window, i, mbs, DistInfo(rank, world, rank, torch.device("cpu")))
+    ]
+    assert sorted(taken) == window
+
+
+def test_step_rows_walk_each_epochs_plan_in_order() -> None:
+    from medtune.config import PackingConfig, TrainConfig
+    from medtune.packing import build_rows
+    from medtune.train.data import StepRows
+
+    lengths, packing = [5] * 10, PackingConfig(mode="padded", max_seq_len=16)
+    rows = StepRows(lengths, packing, TrainConfig(micro_batch_size=2, grad_accum=2, epochs=2), 7, 1)
+    assert (rows.steps_per_epoch, rows.total_steps) == (3, 6)
+    epochs = [build_rows(lengths, packing, 7, e) for e in (0, 1)]
+    assert epochs[0] != epochs[1]
+    got = [rows.window(step) for step in range(6)]
+    want = [(e, epochs[e][k * 4 : (k + 1) * 4]) for e in (0, 1) for k in range(3)]
+    assert got == want
