@@ -4,6 +4,10 @@
 loop divides by the global target-token count (over grad-accumulation steps and ranks) once. Averaging
 per micro-batch instead would weight a short answer's tokens more than a long answer's.
 
+One switch, `train.chunked_ce`, picks the cross-entropy: `off` the plain full-logits loss (the
+reference every other path is tested against), `on` (and `auto` from 32k tokens of vocabulary) the
+chunked one below, `liger` / `cce` the optional fused kernels (CUDA, their package installed).
+
 Why chunk: Gemma 3's vocabulary has 262,208 tokens, so one 2048-token row has ~2 GiB of fp32 logits
 and as much again for their gradient. The chunked path selects the target positions (labels != -100;
 prompt tokens are never projected), then computes lm_head matmul (+ soft-cap) + logsumexp over
