@@ -2,7 +2,7 @@
 
 A checkpoint is `checkpoints/step-<N>/` holding the trainable (LoRA) weights and the optimiser
 state through `torch.distributed.checkpoint` (sharded under FSDP2, one file per rank), plus
-`trainer_state.json` (step, data position, scheduler, config hash) and each rank's RNG state.
+`trainer_state.json` (`TrainerState`: written here, read back here) and each rank's RNG state.
 Only a folder whose name has no `.tmp` suffix and that holds `COMPLETE` is ever resumed from.
 """
 
@@ -45,7 +45,7 @@ class TrainerState:
     """The global batch is dealt out over ranks, so another world size would see other rows."""
 
 
-def read_trainer_state(path: Path) -> TrainerState:
+def _read_trainer_state(path: Path) -> TrainerState:
     """The trainer state of checkpoint folder `path`."""
     return TrainerState(**json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")))
 
@@ -111,7 +111,7 @@ def resumable_checkpoint(
     if not found:
         return None
     latest = found[-1]
-    state = read_trainer_state(latest)
+    state = _read_trainer_state(latest)
     if state.config_hash != config_hash and not force:
         raise RunDirError(
             f"{latest} was written with another config (hash {state.config_hash}, now "
