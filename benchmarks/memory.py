@@ -16,7 +16,7 @@ bf16 instead (not run on the CPU-only build machine).
 `--model-dir PATH` (repeatable) does the same for a real local model with the settings of
 `examples/real.yaml`: QLoRA NF4 + double quant, LoRA r16 all-linear, checkpointing every layer,
 full packed rows (`--settings`: micro-batch x row length) and medtune's own loss
-(`train.CausalLMLoss`: chunked cross-entropy over 256-token chunks for a >= 32k vocabulary), planned
+(`loss.CausalLMLoss`: chunked cross-entropy over 256-token chunks for a >= 32k vocabulary), planned
 through `plan.options_from_run_config`. The measured step is the trainer's whole optimiser step
 (forward, backward, clipping, AdamW). Every token of a row is a target, the planner's worst case.
 Process RSS is reported beside the tensor bytes: it is what a CPU user sees, but it also holds
@@ -46,11 +46,11 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
 from medtune.config import RunConfig, validate_config
+from medtune.loss import CausalLMLoss
 from medtune.model.load import compute_dtype, load_model_for_training
 from medtune.model.measure import model_bytes, peak_training_memory
 from medtune.packing import collate
 from medtune.plan import PlanOptions, options_from_run_config, plan_memory
-from medtune.train import CausalLMLoss
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 
@@ -211,17 +211,17 @@ def packed_batch(cfg: RunConfig, vocab: int) -> dict:
 
 
 def run_real_model(model_dir: Path, micro_batch: int, seq_len: int, device: torch.device) -> dict:
-    """Planned vs measured bytes of one optimiser step of `train._optimizer_step` on a real model."""
+    """Planned vs measured bytes of one optimiser step of `train.loop.optimizer_step` on a real model."""
     cfg = real_run_config(model_dir, micro_batch, seq_len)
     model = load_model_for_training(cfg, device=device)
-    module = CausalLMLoss(model, cfg)  # medtune's loss path: chunked CE over the target tokens only
+    module = CausalLMLoss(model, cfg.train)  # medtune's loss path: chunked CE over the target tokens only
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     batch = packed_batch(cfg, model.config.vocab_size)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
-    def train_step() -> None:  # as train._optimizer_step with grad_accum 1 on one process
+    def train_step() -> None:  # as train.loop.optimizer_step with grad_accum 1 on one process
         summed, n_targets = module(batch)
         (summed / max(n_targets, 1)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.train.max_grad_norm)

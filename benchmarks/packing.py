@@ -36,7 +36,7 @@ from medtune.config import PackingConfig  # noqa: E402
 from medtune.data.schema import LETTERS, Record  # noqa: E402
 from medtune.format import tokenize_example  # noqa: E402
 from medtune.model.tiny import train_tokenizer  # noqa: E402
-from medtune.packing import build_rows, collate, packed_forward, packing_stats  # noqa: E402
+from medtune.packing import build_rows, collate, forward_kwargs, packing_stats  # noqa: E402
 
 DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA", "/work/shared/data"))
 RESULTS = Path(__file__).resolve().parent / "results" / "packing.json"
@@ -219,7 +219,7 @@ def train_epoch(model, optimizer, examples, rows, cfg, micro_batch: int, pad_id:
     for s in range(0, len(rows), micro_batch):
         batch = collate(examples, rows[s : s + micro_batch], cfg, pad_id=pad_id)
         start = time.perf_counter()
-        logits = packed_forward(model, batch).logits
+        logits = model(**forward_kwargs(model, batch)).logits
         loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
         (loss / max(batch["num_target_tokens"], 1)).backward()
         optimizer.step()

@@ -7,8 +7,8 @@ Each measurement runs in a fresh subprocess, so its RSS is its own:
 
   today:  `format.tokenize_example` of every record into Python lists (what `train` did before the
           store, on every rank at every start), then the lengths;
-  build:  `train._tokenized_examples` with no store yet: builds prepare/tokens/<key>/ on every core;
-  start:  `train._tokenized_examples` again: finds the store, maps it, reads the lengths.
+  build:  `train.data.tokenized_examples` with no store yet: builds prepare/tokens/<key>/ on every core;
+  start:  `train.data.tokenized_examples` again: finds the store, maps it, reads the lengths.
 
 "data RSS" is the resident-set growth across that step (after imports, and after loading the
 tokenizer where the step needs one); for the store it counts the mapped index pages it touched.
@@ -127,11 +127,11 @@ def cpu_seconds() -> float:
 def measure(step: str, prepare: Path, model: Path, limit: int | None) -> dict[str, Any]:
     """One step in this process: wall s, CPU s, data RSS growth, examples, and the row plan's time."""
     from medtune.data.prepare import read_prepared
-    from medtune.distributed import init_distributed
     from medtune.format import tokenize_example
     from medtune.model.load import load_tokenizer
     from medtune.packing import build_rows
-    from medtune.train import _tokenized_examples
+    from medtune.train.data import tokenized_examples
+    from medtune.train.distributed import init_distributed
 
     cfg = bench_config(prepare, model)
     tokenizer = load_tokenizer(cfg.model) if step == "today" else None
@@ -142,7 +142,7 @@ def measure(step: str, prepare: Path, model: Path, limit: int | None) -> dict[st
         examples = [e for e in examples if any(label != -100 for label in e["labels"])]
         lengths = [len(e["input_ids"]) for e in examples]
     else:
-        examples, _ = _tokenized_examples(cfg, prepare, init_distributed(cfg.distributed))
+        examples, _ = tokenized_examples(cfg, prepare, init_distributed(cfg.distributed))
         lengths = examples.lengths()
     wall, cpu, rss = time.perf_counter() - wall0, cpu_seconds() - cpu0, rss_bytes() - rss0
     plan0 = time.perf_counter()

@@ -8,10 +8,10 @@
            metrics.jsonl: "first step s" is launch to the first row (torchrun, imports, store map, row
            plan, model load, one step); "start s" subtracts that step's `step_seconds`. Peak RSS per
            rank is the row's `peak_memory_bytes_per_rank` (each rank's ru_maxrss). With `--today`,
-           today's path is measured too: the same command with `train._tokenized_examples` swapped
+           today's path is measured too: the same command with `train.data.tokenized_examples` swapped
            (through a sitecustomize on PYTHONPATH, so every torchrun rank gets it) for the pre-store
            code, `format.tokenize_example` of every record into Python lists on every rank.
-  steps:   one process, one model, the same packed windows fed to `train._optimizer_step` from the
+  steps:   one process, one model, the same packed windows fed to `train.loop.optimizer_step` from the
            store (`StoredExamples`, slices of the mapped ids) and from today's lists
            (`tokenize_example` output), alternating which goes first per window; per window the
            ratio store/lists of the step's seconds. `collate` alone is timed the same way.
@@ -60,7 +60,7 @@ class ListExamples(list):
 
 
 def today_examples(cfg: Any, prepare_dir: Path, info: Any = None) -> tuple[ListExamples, int]:
-    """What `train._tokenized_examples` did before the store, on every rank."""
+    """What `train.data.tokenized_examples` did before the store, on every rank."""
     from medtune.data.prepare import read_prepared
     from medtune.format import tokenize_example
     from medtune.model.load import load_tokenizer
@@ -72,9 +72,9 @@ def today_examples(cfg: Any, prepare_dir: Path, info: Any = None) -> tuple[ListE
 
 
 def patch_today_path() -> None:
-    import medtune.train
+    import medtune.train.loop
 
-    medtune.train._tokenized_examples = today_examples
+    medtune.train.loop.tokenized_examples = today_examples
 
 
 # ------------------------------------------------------------------------------------------ start-up
@@ -197,10 +197,13 @@ def step_pairs(model: Path, steps: int, mbs: int) -> dict[str, Any]:
     import torch
 
     from medtune.config import validate_config
-    from medtune.distributed import init_distributed
+    from medtune.loss import CausalLMLoss
     from medtune.model.load import load_model_for_training
     from medtune.packing import build_rows, collate
-    from medtune.train import CausalLMLoss, _optimizer, _optimizer_step, _tokenized_examples
+    from medtune.train.data import tokenized_examples
+    from medtune.train.distributed import init_distributed
+    from medtune.train.loop import optimizer_step
+    from medtune.train.optim import build_optimizer
 
     with tempfile.TemporaryDirectory(prefix="medtune-bench-") as tmp:
         prepare = Path(tmp) / "prepare"
@@ -209,16 +212,18 @@ def step_pairs(model: Path, steps: int, mbs: int) -> dict[str, Any]:
         raw["train"] = {"micro_batch_size": mbs, "grad_accum": 1}
         cfg = validate_config(raw)
         info = init_distributed(cfg.distributed)
-        store, _ = _tokenized_examples(cfg, prepare, info)
+        store, _ = tokenized_examples(cfg, prepare, info)
         lists, _ = today_examples(cfg, prepare)
         assert len(store) == len(lists) and all(store[i] == lists[i] for i in range(len(lists)))
         plan = build_rows(store.lengths(), cfg.packing, cfg.seed, 0)
         windows = [plan[k * mbs : (k + 1) * mbs] for k in range(steps + 1)]
         torch.manual_seed(0)
-        module = CausalLMLoss(load_model_for_training(cfg, device=info.device), cfg)
+        module = CausalLMLoss(load_model_for_training(cfg, device=info.device), cfg.train)
         module.train()
-        optimizer = _optimizer(cfg, [p for p in module.parameters() if p.requires_grad], info)
-        _optimizer_step(cfg, module, optimizer, lists, windows[-1], info)  # warm-up
+        optimizer = build_optimizer(
+            cfg.train, [p for p in module.parameters() if p.requires_grad], info.device
+        )
+        optimizer_step(cfg, module, optimizer, lists, windows[-1], info)  # warm-up
         sources = {"store": store, "lists": lists}
         secs: dict[str, list[float]] = {"store": [], "lists": []}
         coll: dict[str, list[float]] = {"store": [], "lists": []}
@@ -232,7 +237,7 @@ def step_pairs(model: Path, steps: int, mbs: int) -> dict[str, Any]:
                 coll[name].append((time.perf_counter() - t0) / 20)
             for name in order:
                 t0 = time.perf_counter()
-                _, _, real, _, _ = _optimizer_step(cfg, module, optimizer, sources[name], window, info)
+                _, _, real, _, _ = optimizer_step(cfg, module, optimizer, sources[name], window, info)
                 secs[name].append(time.perf_counter() - t0)
             tokens.append(real)
     step_ratio = [s / li for s, li in zip(secs["store"], secs["lists"], strict=True)]

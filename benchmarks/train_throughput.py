@@ -136,7 +136,7 @@ def child_medtune(
 ) -> dict:
     import torch
 
-    import medtune.train as train_mod
+    import medtune.train.loop as train_mod
     from medtune.model.load import resolve_compute_dtype
     from medtune.train import run_train
 
@@ -144,7 +144,7 @@ def child_medtune(
     compute_dtype, dtype_reason = resolve_compute_dtype(cfg.model, torch.device("cpu"))
     profiled: list[Any] = []
     cpu_seconds: list[float] = []
-    original, calls = train_mod._optimizer_step, [0]
+    original, calls = train_mod.optimizer_step, [0]
 
     def wrapped(*args: Any, **kwargs: Any):
         """Process CPU time of each optimiser step; torch.profiler around step `profile_step`."""
@@ -161,7 +161,7 @@ def child_medtune(
         cpu_seconds.append(time.process_time() - cpu_start)
         return out
 
-    train_mod._optimizer_step = wrapped
+    train_mod.optimizer_step = wrapped
     started = time.perf_counter()
     summary = run_train(cfg, prepared, work / "train")
     wall = time.perf_counter() - started

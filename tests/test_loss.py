@@ -22,7 +22,7 @@ from medtune.loss import (
     resolve_ce_mode,
     token_nll,
 )
-from medtune.offload import OffloadActivations, apply_activation_checkpointing
+from medtune.train.offload import OffloadActivations, apply_activation_checkpointing
 from tests.conftest import tiny_dims
 
 ATOL = 1e-5
@@ -297,13 +297,20 @@ def test_auto_mode_threshold() -> None:
 
 
 @pytest.mark.parametrize("mode", ["liger", "cce"])
-def test_fused_kernels_skip_or_refuse_cleanly(mode: str) -> None:
+def test_fused_kernels_equal_plain_loss_or_refuse_cleanly(mode: str) -> None:
+    """With the package and a GPU the fused kernel gives the plain loss and LoRA grads; without, a
+    MedtuneError the CLI can print, not an ImportError."""
     model = tiny_gemma2()
-    if fused_ce_available(mode) and torch.cuda.is_available():
-        pytest.skip(f"{mode} installed with CUDA: covered by the GPU benchmark, not this CPU test")
-    # Absent package, or present without CUDA: a MedtuneError the CLI can print, not an ImportError.
-    with pytest.raises(MedtuneError, match=mode):
-        loss_sum(model, packed_batch(512), TrainConfig(chunked_ce=mode))
+    if not (fused_ce_available(mode) and torch.cuda.is_available()):
+        with pytest.raises(MedtuneError, match=mode):
+            loss_sum(model, packed_batch(512), TrainConfig(chunked_ce=mode))
+        return
+    model = with_lora(model.cuda())
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in packed_batch(512).items()}
+    plain, _, g_plain = loss_and_grads(model, batch, "off")
+    fused, _, g_fused = loss_and_grads(model, batch, mode)
+    torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-5)
+    assert_same_grads(g_fused, g_plain)
 
 
 class OffloadEverything(OffloadActivations):
@@ -403,7 +410,7 @@ for mode in ("on", "off"):
     model = build()
     for layer in model.get_base_model().model.layers:
         fully_shard(layer)
-    fully_shard(model, reshard_after_forward=False)  # the root unit, as medtune.distributed shards it
+    fully_shard(model, reshard_after_forward=False)  # the root unit, as medtune.train.distributed shards it
     got, _ = loss_sum(model, batch, TrainConfig(chunked_ce=mode, ce_chunk_size=16))
     got.backward()
     torch.testing.assert_close(got, want)

@@ -22,7 +22,6 @@ from medtune.packing import (
     collate,
     forward_kwargs,
     pack_best_fit_decreasing,
-    packed_forward,
     packing_stats,
     truncate_example,
 )
@@ -180,7 +179,7 @@ def check_logits_match(model_dir, impl: str, reference_impl: str | None = None) 
     examples, cfg, rows = packed_setup()
     batch = collate(examples, rows, cfg, pad_id=0)  # all rows in one micro-batch: padding between rows too
     with torch.no_grad():
-        packed = packed_forward(model, batch).logits
+        packed = model(**forward_kwargs(model, batch)).logits
         for b, row in enumerate(rows):
             start = 0
             for i in row:
@@ -223,7 +222,7 @@ def test_packed_loss_and_grads_equal_token_weighted_alone(request, fixture, impl
     model = load(request.getfixturevalue(fixture), impl)
     examples, cfg, rows = packed_setup()
     batch = collate(examples, rows, cfg)
-    logits = packed_forward(model, batch).logits
+    logits = model(**forward_kwargs(model, batch)).logits
     packed_sum = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum")
     packed_sum.backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
@@ -250,13 +249,13 @@ def test_guard_catches_the_leaking_call(request, fixture, leak):
     model = load(request.getfixturevalue(fixture), "sdpa")
     examples, cfg, rows = packed_setup()
     batch = collate(examples, rows, cfg)
-    kwargs = forward_kwargs(batch)
+    kwargs = forward_kwargs(model, batch)
     if leak == "attention_mask":
         kwargs["attention_mask"] = torch.ones_like(batch["input_ids"])
     else:
         kwargs["use_cache"] = True
     with torch.no_grad():
-        good = packed_forward(model, batch).logits
+        good = model(**forward_kwargs(model, batch)).logits
         bad = model(**kwargs).logits
     assert (good - bad).abs().max() > 1e-3
     with pytest.raises(PackingIsolationError, match=leak):
@@ -267,14 +266,16 @@ def test_guard_rejects_missing_positions_and_unsafe_attention():
     examples, cfg, rows = packed_setup()
     batch = collate(examples, rows, cfg)
     sdpa = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
-    no_pos = {k: v for k, v in forward_kwargs(batch).items() if k != "position_ids"}
+    no_pos = {k: v for k, v in forward_kwargs(sdpa, batch).items() if k != "position_ids"}
     with pytest.raises(PackingIsolationError, match="position_ids"):
         assert_isolated_forward(sdpa, batch, no_pos)
     for impl, match in [("flash_attention_2", "not installed|one row"), ("paged|eager", "not known")]:
         fake = SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
         with pytest.raises(ConfigError, match=match):
-            assert_isolated_forward(fake, batch, forward_kwargs(batch))
+            forward_kwargs(fake, batch)
     padded_cfg = PackingConfig(max_seq_len=CAPACITY, mode="padded")
     padded = collate(examples, [[0], [1]], padded_cfg)
-    assert "attention_mask" in forward_kwargs(padded)
-    assert_isolated_forward(sdpa, padded, forward_kwargs(padded))  # padded batches need no isolation
+    assert "attention_mask" in forward_kwargs(sdpa, padded)  # padded batches need no isolation
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    with pytest.raises(PackingIsolationError, match="position_ids"):
+        forward_kwargs(sdpa, batch)  # the builder itself refuses documents that would run together

@@ -115,10 +115,10 @@ def test_packed_logits_equal_separate_runs_past_the_sliding_window(gemma_dir: Pa
     assert lengths[1] > GEMMA_SLIDING_WINDOW and sum(lengths) <= cfg.max_seq_len
 
     packed = collate(examples, [[0, 1, 2]], cfg)
-    packed_logits = model(**forward_kwargs(packed)).logits[0]
+    packed_logits = model(**forward_kwargs(model, packed)).logits[0]
     start, worst = 0, []
     for i, n in enumerate(lengths):
-        alone = model(**forward_kwargs(collate(examples, [[i]], cfg))).logits[0]
+        alone = model(**forward_kwargs(model, collate(examples, [[i]], cfg))).logits[0]
         worst.append(float((packed_logits[start : start + n] - alone).abs().max()))
         start += n
     print(f"lengths {lengths}: max abs logit diff packed vs separate {worst}")

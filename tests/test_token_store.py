@@ -184,7 +184,7 @@ def test_the_manifest_hash_is_used_only_while_the_file_size_matches(tmp_path: Pa
 def test_batches_from_the_store_equal_those_from_tokenised_lists(
     tmp_path: Path, tiny_llama_dir: Path, bundled_records: list[dict]
 ) -> None:
-    """What `_optimizer_step` collates, for two epochs of row plans: the same tensors as before."""
+    """What `train.loop.optimizer_step` collates, for two epochs of row plans: the same tensors as before."""
     packing, fmt = PackingConfig(max_seq_len=256), FormatConfig()
     prepare = write_prepared(tmp_path / "prepare", bundled_records)
     path, _ = build(prepare, tiny_llama_dir, fmt)

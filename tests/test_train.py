@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -235,6 +236,14 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path: Path, tiny_ll
     with pytest.raises(RunDirError, match="another config"):
         run_train(cfg, cfg.output.dir / "prepare", cfg.output.dir / "train", resume=True)
 
+    from medtune.train.checkpoint import resumable_checkpoint
+
+    root = cfg.output.dir / "train" / "checkpoints"
+    with pytest.raises(RunDirError, match="by 1 process"):  # another world size deals out other rows
+        resumable_checkpoint(root, cfg.config_hash(), world_size=2, force=True)
+    path, state = resumable_checkpoint(root, load_config(cfg_path).config_hash(), 1, force=False)
+    assert path.name == "step-00000002" and state.step == 2 and state.world_size == 1
+
 
 def _torchrun(cfg_path: Path, nproc: int) -> None:
     cmd = [
@@ -338,3 +347,72 @@ def test_fsdp2_ranks_draw_different_dropout_masks(tmp_path: Path, tiny_llama_dir
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     states = [(tmp_path / "run" / f"dropout-rng-rank{r}.txt").read_text() for r in (0, 1)]
     assert states[0] != states[1], "both ranks drew their dropout masks from the same random state"
+
+
+QUARTER_COS = (1 + math.sqrt(0.5)) / 2  # 0.5 * (1 + cos(pi / 4))
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "warmup", "want"),
+    [
+        ("constant", 2, [1 / 3, 2 / 3, 1, 1, 1, 1]),
+        ("linear", 2, [1 / 3, 2 / 3, 1, 0.75, 0.5, 0.25]),
+        ("cosine", 2, [1 / 3, 2 / 3, 1, QUARTER_COS, 0.5, 1 - QUARTER_COS]),
+        (
+            "cosine",
+            0,
+            [1, (1 + math.cos(math.pi / 6)) / 2, 0.75, 0.5, 0.25, 1 - (1 + math.cos(math.pi / 6)) / 2],
+        ),
+        ("linear", 0, [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+    ],
+)
+def test_lr_schedule_at_every_step(scheduler: str, warmup: int, want: list[float]) -> None:
+    """The lr of each of 6 steps: warmup climbs (step + 1) / (warmup + 1), so step 0 already learns
+    (transformers' schedules start warmup at lr 0), then the decay reaches 0 after the last step."""
+    from medtune.config import TrainConfig
+    from medtune.train.optim import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    schedule = build_scheduler(TrainConfig(lr=2.0, warmup_steps=warmup, scheduler=scheduler), optimizer, 6)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx([2.0 * f for f in want], rel=1e-12)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.0 if scheduler != "constant" else 2.0, abs=1e-12
+    )
+
+
+@pytest.mark.parametrize(("mbs", "accum", "world"), [(8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 2, 4), (3, 2, 2)])
+def test_every_split_of_a_global_batch_trains_on_its_rows_once(mbs: int, accum: int, world: int) -> None:
+    """micro_batch_rows deals a global batch out over accumulation steps and ranks: whatever the
+    split, every row is trained on exactly once (the accumulation and FSDP parity tests rest on it)."""
+    from medtune.train.data import micro_batch_rows
+    from medtune.train.distributed import DistInfo
+
+    window = [[i] for i in range(mbs * accum * world)]
+    taken = [
+        row
+        for rank in range(world)
+        for i in range(accum)
+        for row in micro_batch_rows(window, i, mbs, DistInfo(rank, world, rank, torch.device("cpu")))
+    ]
+    assert sorted(taken) == window
+
+
+def test_step_rows_walk_each_epochs_plan_in_order() -> None:
+    from medtune.config import PackingConfig, TrainConfig
+    from medtune.packing import build_rows
+    from medtune.train.data import StepRows
+
+    lengths, packing = [5] * 10, PackingConfig(mode="padded", max_seq_len=16)
+    rows = StepRows(lengths, packing, TrainConfig(micro_batch_size=2, grad_accum=2, epochs=2), 7, 1)
+    assert (rows.steps_per_epoch, rows.total_steps) == (3, 6)
+    epochs = [build_rows(lengths, packing, 7, e) for e in (0, 1)]
+    assert epochs[0] != epochs[1]
+    got = [rows.window(step) for step in range(6)]
+    want = [(e, epochs[e][k * 4 : (k + 1) * 4]) for e in (0, 1) for k in range(3)]
+    assert got == want

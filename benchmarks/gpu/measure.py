@@ -2,8 +2,8 @@
 
 Run through `benchmarks/gpu/run.sh` (it installs the missing packages first); see README.md beside this.
 Every case goes through medtune's own code: `model.load.load_model_for_training` /
-`load_model_for_inference`, `packing.build_rows` + `collate`, `train.CausalLMLoss` (chunked CE from
-`loss.py`) and `train._optimizer_step` (the trainer's whole optimiser step: forward, backward, clip,
+`load_model_for_inference`, `packing.build_rows` + `collate`, `loss.CausalLMLoss` (chunked CE from
+`loss.py`) and `train.loop.optimizer_step` (the trainer's whole optimiser step: forward, backward, clip,
 AdamW), `evaluate.score.letter_scores`; the prediction next to each peak is `plan.plan_memory` with
 the options `medtune plan` derives from the same run config.
 
@@ -298,30 +298,32 @@ def train_case(case: Case, model_dir: Path, scale: Scale) -> dict[str, Any]:
     """Load through medtune, then time `warmup + steps` trainer optimiser steps; peak VRAM over all."""
     import torch
 
-    from medtune.distributed import DistInfo
+    from medtune.loss import CausalLMLoss
     from medtune.model.load import compute_dtype, load_model_for_training
     from medtune.packing import build_rows, packing_stats
-    from medtune.train import CausalLMLoss, _optimizer, _optimizer_step
+    from medtune.train.distributed import DistInfo
+    from medtune.train.loop import optimizer_step
+    from medtune.train.optim import build_optimizer
 
     cfg = run_config(case, model_dir, scale)
     device = torch.device(scale.device)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     reset_peak(scale)
     model = load_model_for_training(cfg, device=device)
-    module = CausalLMLoss(model, cfg)
+    module = CausalLMLoss(model, cfg.train)
     after_load = cuda_memory(scale)  # its max_* is the loading peak (bf16 shards before quantisation)
-    optimizer = _optimizer(cfg, [p for p in module.parameters() if p.requires_grad], info)
+    optimizer = build_optimizer(cfg.train, [p for p in module.parameters() if p.requires_grad], device)
     examples = synthetic_examples(64, scale.seq_len, TOKENIZER_VOCAB)
     lengths = [len(e["input_ids"]) for e in examples]
     rows = build_rows(lengths, cfg.packing, seed=0, epoch=0)
     per_step = case.micro_batch
-    module.train()  # before the first forward (bitsandbytes' eval-mode repacking, as train.py)
+    module.train()  # before the first forward (bitsandbytes' eval-mode repacking, as train/loop.py)
     reset_peak(scale)  # from here the peak is the training steps' (weights stay allocated, so counted)
     steps = []
     for step in range(scale.warmup + scale.steps):
         window = rows[step * per_step : (step + 1) * per_step]
         started = time.perf_counter()
-        loss, targets, real, slots, _ = _optimizer_step(cfg, module, optimizer, examples, window, info)
+        loss, targets, real, slots, _ = optimizer_step(cfg, module, optimizer, examples, window, info)
         if scale.device == "cuda":
             torch.cuda.synchronize()
         steps.append(

@@ -4,6 +4,10 @@
 loop divides by the global target-token count (over grad-accumulation steps and ranks) once. Averaging
 per micro-batch instead would weight a short answer's tokens more than a long answer's.
 
+One switch, `train.chunked_ce`, picks the cross-entropy: `off` the plain full-logits loss (the
+reference every other path is tested against), `on` (and `auto` from 32k tokens of vocabulary) the
+chunked one below, `liger` / `cce` the optional fused kernels (CUDA, their package installed).
+
 Why chunk: Gemma 3's vocabulary has 262,208 tokens, so one 2048-token row has ~2 GiB of fp32 logits
 and as much again for their gradient. The chunked path selects the target positions (labels != -100;
 prompt tokens are never projected), then computes lm_head matmul (+ soft-cap) + logsumexp over
@@ -38,7 +42,20 @@ from torch.utils.checkpoint import checkpoint
 from medtune.config import CHUNKED_CE_MIN_VOCAB, TrainConfig
 from medtune.errors import MedtuneError, ModelError
 from medtune.format import IGNORE_INDEX
-from medtune.packing import assert_isolated_forward
+from medtune.packing import forward_kwargs
+
+
+class CausalLMLoss(nn.Module):
+    """The model plus its loss as one module, so FSDP2's root unit spans the whole loss computation
+    (embeddings, norm and lm_head stay gathered while the chunked loss uses them)."""
+
+    def __init__(self, model: nn.Module, train_cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.train_cfg = train_cfg
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, batch, self.train_cfg)
 
 
 def loss_sum(model: nn.Module, batch: Mapping[str, Any], train_cfg: TrainConfig) -> tuple[torch.Tensor, int]:
@@ -86,9 +103,7 @@ def token_nll(model: nn.Module, batch: Mapping[str, Any], chunk_size: int = 256)
     softcap = final_logit_softcap(causal_lm)
     parts = [torch.zeros(0, dtype=torch.float32, device=hidden.device)]
     for start in range(0, targets.numel(), chunk_size):
-        logits = _upcast(lm_head(selected[start : start + chunk_size]))
-        if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
+        logits = _module_chunk_logits(lm_head, selected[start : start + chunk_size], softcap)
         parts.append(F.cross_entropy(logits, targets[start : start + chunk_size], reduction="none"))
     return torch.cat(parts)
 
@@ -125,9 +140,11 @@ def final_logit_softcap(causal_lm: nn.Module) -> float | None:
 def chunked_ce_sum(
     hidden: torch.Tensor, targets: torch.Tensor, lm_head: nn.Module, softcap: float | None, chunk_size: int
 ) -> torch.Tensor:
-    """Sum of CE(lm_head(hidden[i]) (+ soft-cap), targets[i]) over rows of `hidden` [N, H], in chunks."""
-    if hidden.shape[0] == 0:
-        return hidden.sum(dtype=torch.float32) * 0.0  # keeps the graph: every rank must run backward
+    """Sum of CE(lm_head(hidden[i]) (+ soft-cap), targets[i]) over rows of `hidden` [N >= 1, H], in chunks.
+
+    The one chunked path, for every lm_head: a plain Linear through `_ChunkedLinearCE`, any other
+    module through itself under checkpoint (see the module docstring).
+    """
     weight = getattr(lm_head, "weight", None)
     if _is_plain_linear(lm_head, weight):
         return _ChunkedLinearCE.apply(hidden, weight, targets, chunk_size, softcap)
@@ -158,15 +175,7 @@ def _forward(
     model: nn.Module, causal_lm: nn.Module, batch: Mapping[str, Any], keep_logits: bool
 ) -> torch.Tensor:
     """Run the top-level model; return its logits [B, T, V] or the decoder's final hidden states [B, T, H]."""
-    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    if batch.get("position_ids") is not None:
-        kwargs["position_ids"] = batch["position_ids"]
-    # Only padded batches carry a mask. A packed batch must not get one: transformers isolates packed
-    # documents (from position_ids restarting at 0) only when no mask and no cache are passed.
-    if batch.get("attention_mask") is not None:
-        kwargs["attention_mask"] = batch["attention_mask"]
-    if "seq_lens" in batch:  # every batch `packing.collate` builds, so every training step
-        assert_isolated_forward(causal_lm, batch, kwargs)
+    kwargs = forward_kwargs(causal_lm, batch)  # no mask on a packed batch, guarded against leaks
     if keep_logits:
         return model(**kwargs).logits
     captured: list[torch.Tensor] = []
@@ -293,10 +302,15 @@ def _checkpointed_module_ce(
 
 
 def _module_chunk_ce(lm_head: nn.Module, h: torch.Tensor, targets: torch.Tensor, softcap: float | None):
+    return F.cross_entropy(_module_chunk_logits(lm_head, h, softcap), targets, reduction="sum")
+
+
+def _module_chunk_logits(lm_head: nn.Module, h: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 logits of one chunk through the lm_head module itself (any kind), soft-capped like the model."""
     logits = _upcast(lm_head(h))
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
 
 
 def fused_ce_available(mode: str) -> bool:

@@ -14,13 +14,14 @@ conditions (transformers 5.24, `masking_utils._preprocess_mask_arguments` and
 - flash_attention_2/3 derive `cu_seqlens` from position_ids instead (`_is_packed_sequence`), and only
   when the batch size is 1: with 2+ packed rows they would attend across documents.
 
-So collation restarts `position_ids` at 0 per example, and `packed_forward` / `forward_kwargs` are
-the one place the packed forward call is built; `assert_isolated_forward` refuses anything else.
+So collation restarts `position_ids` at 0 per example, and `forward_kwargs` is the one place the
+forward call on a batch is built (the training loss and the held-out NLL in `loss.py` both use it);
+it runs `assert_isolated_forward`, which refuses anything else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NotRequired, TypedDict
 
 import numpy as np
@@ -269,25 +270,26 @@ def packing_stats(
 # ---------------------------------------------------------------------------------------------- forward
 
 
-def is_packed(batch: Batch) -> bool:
+def is_packed(batch: Mapping[str, Any]) -> bool:
     """Packed batches are the ones without an attention_mask (see `collate`)."""
-    return "attention_mask" not in batch
+    return batch.get("attention_mask") is None
 
 
-def forward_kwargs(batch: Batch) -> dict[str, Any]:
-    """The exact keyword arguments for the model (or its base decoder) forward on `batch`.
+def forward_kwargs(model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The exact keyword arguments for `model`'s forward on `batch`, checked by the isolation guard.
 
     Packed: input_ids, position_ids and use_cache=False, nothing else -- an attention_mask, even
     all ones, or a cache switches off transformers' packed-document detection and leaks attention.
-    Labels are never passed: they are pre-shifted, and the model's own loss would shift them again.
+    Padded: the same plus the attention_mask. Labels are never passed: they are pre-shifted, and the
+    model's own loss would shift them again. `model`'s config names the attention implementation.
     """
-    kwargs: dict[str, Any] = {
-        "input_ids": batch["input_ids"],
-        "position_ids": batch["position_ids"],
-        "use_cache": False,
-    }
+    kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if batch.get("position_ids") is not None:
+        kwargs["position_ids"] = batch["position_ids"]
     if not is_packed(batch):
         kwargs["attention_mask"] = batch["attention_mask"]
+    if "seq_lens" in batch:  # every batch `collate` builds, so every training and NLL forward
+        assert_isolated_forward(model, batch, kwargs)
     return kwargs
 
 
@@ -296,7 +298,7 @@ def _attn_implementation(model: torch.nn.Module) -> str | None:
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
 
-def assert_isolated_forward(model: torch.nn.Module, batch: Batch, kwargs: dict[str, Any]) -> None:
+def assert_isolated_forward(model: torch.nn.Module, batch: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
     """Raise unless calling `model(**kwargs)` on packed `batch` keeps every document to itself."""
     if not is_packed(batch):
         return
@@ -343,10 +345,3 @@ def _check_attention_implementation(impl: str | None, batch_size: int) -> None:
         f"model.attn_implementation: {impl!r} is not known to isolate packed documents; "
         f"use one of {sorted(ISOLATING_ATTENTION | VARLEN_ATTENTION)} or packing.mode: padded"
     )
-
-
-def packed_forward(model: torch.nn.Module, batch: Batch) -> Any:
-    """The training forward for a batch: `model(**forward_kwargs(batch))` after the isolation check."""
-    kwargs = forward_kwargs(batch)
-    assert_isolated_forward(model, batch, kwargs)
-    return model(**kwargs)

@@ -3,21 +3,24 @@
 Launched under `torchrun`, each rank joins the default process group (NCCL on CUDA, gloo on CPU)
 and the model is sharded with FSDP2 `fully_shard`: every decoder layer is its own unit, and the
 root unit (embeddings, final norm, lm_head, which Gemma ties to the embeddings) is the wrapper
-that computes the loss, so its parameters are gathered for the whole loss computation.
+that computes the loss, so its parameters are gathered for the whole loss computation. A stop
+signal is agreed on by all ranks (`StopFlag`), since one rank leaving alone would hang the others.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import signal
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from medtune.config import DistributedConfig
-from medtune.offload import decoder_layers
+from medtune.train.offload import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -95,3 +98,25 @@ def shard_with_fsdp2(root: nn.Module, cfg: DistributedConfig, compute_dtype: tor
     # The root is not resharded after forward: backward needs its parameters straight away.
     fully_shard(root, mp_policy=mp, offload_policy=offload, reshard_after_forward=False)
     return root
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish its step, checkpoint and exit cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, info: DistInfo) -> bool:
+        """True once any rank was signalled: ranks must stop at the same step or collectives hang."""
+        if info.distributed:
+            flag = all_reduce_sum(torch.tensor([float(self.requested)]), info)
+            self.requested = bool(flag.item() > 0)
+        return self.requested
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
