@@ -160,6 +160,26 @@ def test_final_layer_on_last_positions_is_exact_and_leaves_no_hooks(request, arc
         assert torch.allclose(got.double(), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_scoring_hands_every_linear_after_the_slice_a_contiguous_input(request, arch: str) -> None:
+    """A strided [B, keep, H] input sends a CPU bf16 linear down oneDNN's batched path, which copies the
+    weight per row: minutes per batch for Gemma's 262k-token head. Sliced inputs must be contiguous."""
+    model, _ = request.getfixturevalue(arch)
+    last = model.get_decoder().layers[-1]
+    watched = [model.get_output_embeddings(), last.mlp.gate_proj, last.self_attn.o_proj]
+    seen: list[bool] = []
+    spies = [
+        m.register_forward_hook(lambda _m, args, _o: seen.append(args[0].is_contiguous())) for m in watched
+    ]
+    try:
+        S.last_logprobs(model, [list(range(5, 5 + n)) for n in (9, 4, 7)], 0, 1)
+    finally:
+        for spy in spies:
+            spy.remove()
+    assert len(seen) == 3 and all(seen)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
 def test_length_batches_cover_every_row_once_with_little_padding() -> None:
     lengths = [100, 99, 98, 97, 96, 95, 94, 60, 59, 300, 10, 10, 10, 10, 10]
     rows = [[0] * n for n in lengths]
