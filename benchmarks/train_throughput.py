@@ -29,6 +29,10 @@ Throughput counts real (non-padding) tokens over the steps after the first `--wa
        so TRL's timing leaves collation out) and a wrapped data collator counting each batch's
        tokens (TRL's bfd packing is padding-free: one flattened row, no pad tokens).
 medtune's final checkpoint + adapter save happens after its timed steps and is not timed.
+Per step, both sides also record user and system CPU seconds, minor/major page faults, CPU seconds
+per thread and RSS (`usage` in the JSON; means in the table): on a shared machine these say where a
+step's time went better than wall time does. The JSON is rewritten after every side, so a run cut
+short still leaves the sides it finished (`complete: false`).
 
     python benchmarks/train_throughput.py [--model DIR] [--steps 4] [--warmup 1]
         [--settings best,equal] [--profile]
