@@ -29,6 +29,10 @@ Throughput counts real (non-padding) tokens over the steps after the first `--wa
        so TRL's timing leaves collation out) and a wrapped data collator counting each batch's
        tokens (TRL's bfd packing is padding-free: one flattened row, no pad tokens).
 medtune's final checkpoint + adapter save happens after its timed steps and is not timed.
+Per step, both sides also record user and system CPU seconds, minor/major page faults, CPU seconds
+per thread and RSS (`usage` in the JSON; means in the table): on a shared machine these say where a
+step's time went better than wall time does. The JSON is rewritten after every side, so a run cut
+short still leaves the sides it finished (`complete: false`).
 
     python benchmarks/train_throughput.py [--model DIR] [--steps 4] [--warmup 1]
         [--settings best,equal] [--profile]
@@ -82,6 +86,49 @@ SETTINGS = {
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (Linux reports KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def usage_now() -> dict[str, float]:
+    """This process's user and system CPU seconds, minor and major page faults, and current RSS bytes.
+
+    Per-step differences of these do not depend on other jobs' load the way wall time does: sys time
+    and minor faults show memory being mapped and zeroed (large allocations going through mmap).
+    """
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/statm") as f:
+        rss_pages = int(f.read().split()[1])
+    return {
+        "user_s": ru.ru_utime,
+        "sys_s": ru.ru_stime,
+        "minflt": ru.ru_minflt,
+        "majflt": ru.ru_majflt,
+        "rss_bytes": rss_pages * os.sysconf("SC_PAGE_SIZE"),
+        "threads": thread_cpu_seconds(),
+    }
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + sys) of each thread of this process, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[task.name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def usage_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """One step's CPU user/sys seconds, page faults and CPU seconds per thread (the main thread
+    first, then the others by CPU time, those under 0.05 s left out), and the RSS at its end."""
+    out = {k: after[k] - before[k] for k in ("user_s", "sys_s", "minflt", "majflt")}
+    main = str(os.getpid())
+    per_thread = {t: s - before["threads"].get(t, 0.0) for t, s in after["threads"].items()}
+    others = sorted((s for t, s in per_thread.items() if t != main and s >= 0.05), reverse=True)
+    threads = [round(per_thread.get(main, 0.0), 2), *(round(s, 2) for s in others)]
+    return {**out, "thread_cpu_s": threads, "rss_end_bytes": after["rss_bytes"]}
 
 
 def profile_table(prof: Any) -> list[dict[str, Any]]:
@@ -144,12 +191,13 @@ def child_medtune(
     compute_dtype, dtype_reason = resolve_compute_dtype(cfg.model, torch.device("cpu"))
     profiled: list[Any] = []
     cpu_seconds: list[float] = []
+    usage: list[dict[str, float]] = []
     original, calls = train_mod.optimizer_step, [0]
 
     def wrapped(*args: Any, **kwargs: Any):
         """Process CPU time of each optimiser step; torch.profiler around step `profile_step`."""
         calls[0] += 1
-        cpu_start = time.process_time()
+        cpu_start, usage_start = time.process_time(), usage_now()
         if calls[0] != profile_step:
             out = original(*args, **kwargs)
         else:
@@ -159,6 +207,7 @@ def child_medtune(
                 out = original(*args, **kwargs)
             profiled.append(prof)
         cpu_seconds.append(time.process_time() - cpu_start)
+        usage.append(usage_delta(usage_start, usage_now()))
         return out
 
     train_mod.optimizer_step = wrapped
@@ -169,6 +218,7 @@ def child_medtune(
     return {
         "step_seconds": [r["step_seconds"] for r in rows],
         "cpu_seconds": cpu_seconds,
+        "usage": usage,
         "real_tokens": [r["real_tokens"] for r in rows],
         "target_tokens": [r["target_tokens"] for r in rows],
         "losses": [r["loss"] for r in rows],
@@ -293,6 +343,7 @@ def child_trl(
     return {
         "step_seconds": timer.seconds,
         "cpu_seconds": timer.cpu_seconds,
+        "usage": timer.usage,
         "real_tokens": timer.real,
         "target_tokens": timer.targets,
         "losses": timer.losses,
@@ -321,6 +372,7 @@ def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: in
         def __init__(self) -> None:
             self.seconds: list[float] = []
             self.cpu_seconds: list[float] = []
+            self.usage: list[dict[str, float]] = []
             self.real: list[int] = []
             self.targets: list[int] = []
             self.losses: list[float] = []
@@ -332,10 +384,12 @@ def _trl_timer(base: type, batch_tokens: list[tuple[int, int]], profile_step: in
                 self._prof = tp.profile(activities=[tp.ProfilerActivity.CPU])
                 self._prof.__enter__()
             self._start, self._cpu_start = time.perf_counter(), time.process_time()
+            self._usage_start = usage_now()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self._start)
             self.cpu_seconds.append(time.process_time() - self._cpu_start)
+            self.usage.append(usage_delta(self._usage_start, usage_now()))
             if self._prof is not None:
                 self._prof.__exit__(None, None, None)
                 self.profiled.append(self._prof)
@@ -370,6 +424,18 @@ def run_child(argv: list[str]) -> None:
     import torch
 
     result["torch_threads"] = torch.get_num_threads()
+    result["torch_interop_threads"] = torch.get_num_interop_threads()
+    result["thread_env"] = {
+        k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "MKL_", "GOMP_", "MALLOC_"))
+    }
+    for i, u in enumerate(result["usage"]):
+        print(
+            f"{args.side} step {i + 1}: {result['step_seconds'][i]:.1f} s wall, user {u['user_s']:.1f} s, "
+            f"sys {u['sys_s']:.1f} s, threads {u['thread_cpu_s']}, minor faults {u['minflt']:,}, "
+            f"major {u['majflt']:,}, "
+            f"RSS {u['rss_end_bytes'] / 1e9:.2f} GB",
+            flush=True,
+        )
     result["peak_rss_bytes"] = peak_rss_bytes()
     print(f"{args.side} ({args.setting}): peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     (args.work / f"{args.side}.json").write_text(json.dumps(result, indent=2))
@@ -395,10 +461,19 @@ def steady_state(runs: list[dict], warmup: int) -> dict:
         "best_step_tokens_per_s": max(n / t for n, t in zip(real, secs, strict=True)),
         "mean_step_s": sum(secs) / len(secs),
         "tokens_per_cpu_s": sum(real) / sum(cpu) if cpu else None,
+        **usage_means([u for r in runs for u in r.get("usage", [])[warmup:]]),
         "first_loss": runs[0]["losses"][0] if runs[0]["losses"] else None,
         "final_loss": runs[0]["losses"][-1] if runs[0]["losses"] else None,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
     }
+
+
+def usage_means(usage: list[dict]) -> dict[str, float | None]:
+    """Mean user and system CPU seconds and minor page faults per timed step (None when not recorded)."""
+    keys = ("user_s", "sys_s", "minflt")
+    if not usage:
+        return {f"mean_step_{k}": None for k in keys}
+    return {f"mean_step_{k}": sum(u[k] for u in usage) / len(usage) for k in keys}
 
 
 def prepare_data(model_dir: Path, out: Path) -> Path:
@@ -469,6 +544,8 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
         "best step tok/s",
         "tok/CPU-s",
         "s/step",
+        "user+sys CPU-s/step",
+        "minor faults/step",
         "peak RSS GB",
         "loss 1st->last",
     )
@@ -486,6 +563,10 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
             f"{s['best_step_tokens_per_s']:.1f}",
             f"{s['tokens_per_cpu_s']:.1f}" if s["tokens_per_cpu_s"] else "-",
             f"{s['mean_step_s']:.1f}",
+            f"{s['mean_step_user_s']:.1f}+{s['mean_step_sys_s']:.1f}"
+            if s["mean_step_user_s"] is not None
+            else "-",
+            f"{s['mean_step_minflt']:,.0f}" if s["mean_step_minflt"] is not None else "-",
             f"{s['peak_rss_bytes'] / 1e9:.2f}",
             f"{s['first_loss']:.3f} -> {s['final_loss']:.3f}",
         )
@@ -571,6 +652,7 @@ def main() -> None:
     load_start = os.getloadavg()
     started = time.perf_counter()
     order = run_order(settings, args.order)
+    raw: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as tmp_name:
         tmp = Path(tmp_name)
         if args.model is None:
@@ -578,12 +660,10 @@ def main() -> None:
         else:
             model_dir, model_name = args.model.resolve(), args.model.name
         prepared = prepare_data(model_dir, tmp / "run")
-        raw = [
-            run_side(setting, side, tmp / f"{i}-{setting}-{side}", model_dir, prepared, args)
-            for i, (setting, side) in enumerate(order)
-        ]
-    comparisons = {setting: compare(raw, setting, args.warmup) for setting in settings}
-    load_end = os.getloadavg()
+        for i, (setting, side) in enumerate(order):
+            raw.append(run_side(setting, side, tmp / f"{i}-{setting}-{side}", model_dir, prepared, args))
+            # Written after every side, so a run cut short by its time limit still leaves its data.
+            comparisons = write_results(args, settings, order, raw, model_name, load_start, started)
     print_table([(st, name, s) for st, c in comparisons.items() for name, s in c["sides"].items()])
     for setting, c in comparisons.items():
         if "medtune_over_trl_tokens_per_s" not in c:
@@ -596,33 +676,50 @@ def main() -> None:
             f"{c['medtune_over_trl_tokens_per_cpu_s'] or float('nan'):.2f}x); peak RSS ratio {rss:.2f}"
             + (f" ({verdict} the target of >= 2x with no higher RSS)" if setting == "best" else "")
         )
-    from medtune.model.cpu_caps import cpu_bf16_choice, cpu_flags, native_bf16
+    from medtune.model.cpu_caps import cpu_flags, native_bf16
 
-    machine = cpu_name()
-    bf16_flags = native_bf16(cpu_flags())
-    kernels = peer_kernels()
-    loads = " ".join(f"{x:.2f}" for x in load_start), " ".join(f"{x:.2f}" for x in load_end)
+    loads = " ".join(f"{x:.2f}" for x in load_start), " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"machine: {machine}; native bf16 flags: {', '.join(bf16_flags) or 'none'}; model {model_name}; "
-        f"load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}; "
+        f"machine: {cpu_name()}; native bf16 flags: {', '.join(native_bf16(cpu_flags())) or 'none'}; "
+        f"model {model_name}; load average (1/5/15 min) at start {loads[0]}, at end {loads[1]}; "
         f"wall {time.perf_counter() - started:.0f} s"
     )
-    print("peer kernels: " + "; ".join(f"{k}: {v}" for k, v in kernels.items()))
+    print("peer kernels: " + "; ".join(f"{k}: {v}" for k, v in peer_kernels().items()))
+    print(f"wrote {args.out}")
+
+
+def write_results(
+    args,
+    settings: list[str],
+    order: list[tuple[str, str]],
+    raw: list[dict],
+    model_name: str,
+    load_start: tuple[float, float, float],
+    started: float,
+) -> dict:
+    """The JSON of the sides run so far (comparisons where both sides of a setting are in); returns
+    the comparisons."""
+    from medtune.model.cpu_caps import cpu_bf16_choice, cpu_flags, native_bf16
+
+    comparisons = {
+        st: compare(raw, st, args.warmup) for st in settings if any(r["setting"] == st for r in raw)
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
-                "machine": machine,
-                "native_bf16_flags": bf16_flags,
+                "machine": cpu_name(),
+                "native_bf16_flags": native_bf16(cpu_flags()),
                 "dtype_auto_choice": cpu_bf16_choice()[1],
                 "model": model_name,
                 "settings": {**SETTINGS, "steps": args.steps, "warmup_steps_excluded": args.warmup},
                 "setting_meanings": {k: SETTING_NAMES[k] for k in settings},
-                "peer_kernels": kernels,
+                "peer_kernels": peer_kernels(),
                 "loadavg_start": load_start,
-                "loadavg_end": load_end,
+                "loadavg_end": os.getloadavg(),
                 "wall_seconds": time.perf_counter() - started,
                 "order": [f"{setting}:{side}" for setting, side in order],
+                "complete": len(raw) == len(order),
                 "comparisons": comparisons,
                 "raw": raw,
                 "profiled": args.profile,
@@ -630,7 +727,7 @@ def main() -> None:
             indent=2,
         )
     )
-    print(f"wrote {args.out}")
+    return comparisons
 
 
 if __name__ == "__main__":
