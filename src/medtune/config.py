@@ -3,6 +3,9 @@
 Every stage receives the section(s) it needs. Loading validates the whole file before any work
 starts, so a misspelled key or a string where a number belongs stops the run with the key path
 and a hint (exit code 2), not an hour into training.
+
+Past 400 lines on purpose: it is only the schema (every section, its defaults and their reasons), which
+a user reads as one page; the loading steps around it are `medtune.config_load`.
 """
 
 from __future__ import annotations

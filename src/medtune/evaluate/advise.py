@@ -313,14 +313,8 @@ def recommend(
         return record
     best = max(admissible, key=lambda lab: gains[lab])
     record["best"] = best
-    for other in admissible:
-        if other != best:
-            c = contrast([target_g.ratios[best], target_g.ratios[other]], [sign, -sign])
-            record["versus_best"][other] = {
-                k: c[k] for k in ("estimate", "ci95", "significant", "seed_share")
-            }
-            if not c["significant"]:
-                record["tied_with_best"].append(other)
+    record["versus_best"] = _versus_best(target_g, best, admissible, sign)
+    record["tied_with_best"] = [lab for lab, c in record["versus_best"].items() if not c["significant"]]
     if record["tied_with_best"]:
         runner_up = max(record["tied_with_best"], key=lambda lab: gains[lab])
         record["needed"] = _needed(target_g, best, runner_up)
@@ -331,6 +325,15 @@ def recommend(
             f"recommended: {best} (best on {target} among ratios that spare the protected groups)"
         )
     return record
+
+
+def _versus_best(g: GroupScores, best: str, labels: Sequence[str], sign: float) -> dict[str, dict[str, Any]]:
+    """The best ratio against each other admissible one on the target group (gain-oriented contrast)."""
+    out = {}
+    for other in (lab for lab in labels if lab != best):
+        c = contrast([g.ratios[best], g.ratios[other]], [sign, -sign])
+        out[other] = {k: c[k] for k in ("estimate", "ci95", "significant", "seed_share")}
+    return out
 
 
 def _harmful(
