@@ -22,7 +22,6 @@ from medtune.loss import (
     resolve_ce_mode,
     token_nll,
 )
-from medtune.train.offload import OffloadActivations, apply_activation_checkpointing
 from tests.conftest import tiny_dims
 
 ATOL = 1e-5
@@ -311,72 +310,6 @@ def test_fused_kernels_equal_plain_loss_or_refuse_cleanly(mode: str) -> None:
     fused, _, g_fused = loss_and_grads(model, batch, mode)
     torch.testing.assert_close(fused, plain, atol=1e-3, rtol=1e-5)
     assert_same_grads(g_fused, g_plain)
-
-
-class OffloadEverything(OffloadActivations):
-    """Offloads CPU tensors too, so the pack/unpack round trip is exercised without a GPU."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def _should_offload(self, tensor: torch.Tensor) -> bool:
-        if isinstance(tensor, torch.nn.Parameter) or tensor.numel() * tensor.element_size() < 1024:
-            return False
-        self.shapes.append(tuple(tensor.shape))
-        return True
-
-
-def test_offload_round_trip_keeps_grads_and_default_is_noop_on_cpu() -> None:
-    model = with_lora(tiny_gemma2())
-    batch = packed_batch(512)
-    _, _, want = loss_and_grads(model, batch, "on")
-    forced = OffloadEverything()
-    with forced:
-        total, _ = loss_sum(model, batch, TrainConfig(chunked_ce="on", ce_chunk_size=CHUNK))
-    model.zero_grad(set_to_none=True)
-    total.backward()
-    got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
-    assert forced.offloaded_bytes > 0
-    assert_same_grads(got, want)
-    default = OffloadActivations()
-    with default:
-        loss_sum(model, batch, TrainConfig(chunked_ce="on"))[0].backward()
-    if not torch.cuda.is_available():
-        assert default.offloaded_bytes == 0
-
-
-def test_checkpoint_every_k_layers() -> None:
-    """Chosen layers are replayed in backward (their attention runs twice), others not; grads unchanged;
-    with offloading on, each checkpointed layer's saved input goes through the offload hooks."""
-    config = Gemma2Config(
-        **tiny_dims(hidden=32, inner=64, layers=3, heads=2, kv=1),
-        head_dim=16,
-        sliding_window=16,
-    )
-    torch.manual_seed(0)
-    model = with_lora(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
-    batch = packed_batch(512)
-    _, _, want = loss_and_grads(model, batch, "on")
-    layers = model.get_base_model().model.layers
-    calls = [0] * len(layers)
-    for i, layer in enumerate(layers):
-        layer.self_attn.register_forward_hook(lambda *_a, i=i: calls.__setitem__(i, calls[i] + 1))
-    assert apply_activation_checkpointing(model, 2) == [0, 2]
-    _, _, got = loss_and_grads(model, batch, "on")
-    assert calls == [2, 1, 2]
-    assert_same_grads(got, want)
-    assert apply_activation_checkpointing(model, 1) == [0, 1, 2]
-    offload = OffloadEverything()
-    with offload:
-        total, _ = loss_sum(model, batch, TrainConfig(chunked_ce="on", ce_chunk_size=CHUNK))
-    total.backward()
-    hidden_shape = (*batch["input_ids"].shape, config.hidden_size)
-    mlp_shape = (*batch["input_ids"].shape, config.intermediate_size)
-    # Replayed layers save nothing inside (no MLP activations), but their inputs are offloaded.
-    assert offload.shapes.count(hidden_shape) >= len(layers) and mlp_shape not in offload.shapes
-    with pytest.raises(ValueError):
-        apply_activation_checkpointing(model, 0)
 
 
 FSDP_SCRIPT = """

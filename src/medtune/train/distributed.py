@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from medtune.config import DistributedConfig
-from medtune.train.offload import decoder_layers
+from medtune.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,16 @@ class StopFlag:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: modules transformers marks as `GradientCheckpointingLayer`.
+
+    `isinstance` (not the class name) so it still finds them after FSDP2 swapped in `FSDP<Layer>` classes.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ModelError(f"{type(model).__name__} has no transformers decoder layers to shard")
+    return layers
