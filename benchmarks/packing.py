@@ -32,7 +32,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from medtune.config import PackingConfig  # noqa: E402
+from medtune.config import FormatConfig, PackingConfig  # noqa: E402
 from medtune.data.schema import LETTERS, Record  # noqa: E402
 from medtune.format import tokenize_example  # noqa: E402
 from medtune.model.tiny import train_tokenizer  # noqa: E402
@@ -305,9 +305,8 @@ def main() -> None:
 
     records = read_kormedmcqa() + read_medqa() + read_genmedgpt()
     tokenizer = train_tokenizer("llama")
-    cfg = PackingConfig()
     start = time.perf_counter()
-    examples = [tokenize_example(r, tokenizer, cfg) for r in records]
+    examples = [tokenize_example(r, tokenizer, FormatConfig()) for r in records]
     tokenize_s = time.perf_counter() - start
     lengths = [len(ex["input_ids"]) for ex in examples]
     print(

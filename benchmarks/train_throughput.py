@@ -237,12 +237,12 @@ def trl_dataset(model_dir: Path, prepared: Path):
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from medtune.config import PackingConfig
+    from medtune.config import FormatConfig
     from medtune.data.prepare import read_prepared
     from medtune.format import end_of_turn_text, render_prompt, render_target
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    cfg = PackingConfig(mode="packed", max_seq_len=SETTINGS["max_seq_len"])
+    cfg = FormatConfig()
     end = end_of_turn_text(tokenizer, cfg)
     rows = [
         {"prompt": render_prompt(r, tokenizer, cfg), "completion": render_target(r, cfg, tokenizer) + end}

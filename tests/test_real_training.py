@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medtune.config import PackingConfig, validate_config
+from medtune.config import FormatConfig, PackingConfig, validate_config
 from medtune.data.prepare import read_prepared, run_prepare
 from medtune.format import bos_prefix, shifted_labels, tokenize_example
 from medtune.packing import collate, forward_kwargs
@@ -108,7 +108,7 @@ def test_packed_logits_equal_separate_runs_past_the_sliding_window(gemma_dir: Pa
     assert model.config.sliding_window == GEMMA_SLIDING_WINDOW
     cfg = PackingConfig(mode="packed", max_seq_len=1024)
     records = list(read_prepared(prepared, "train"))
-    short = [tokenize_example(r, tokenizer, cfg) for r in records[:2]]
+    short = [tokenize_example(r, tokenizer, FormatConfig()) for r in records[:2]]
     long = _long_example(records, tokenizer, 600)
     examples = [short[0], long, short[1]]  # the long one in the middle: documents on both sides of it
     lengths = [len(e["input_ids"]) for e in examples]
