@@ -96,7 +96,8 @@ def test_a_known_effect_is_found_at_the_power_size_needed_promises() -> None:
     the sizes it states are the least that could do."""
     effect, seeds, noise = 0.25, 1, 0.5**0.5
     # The true variance of (mean b - mean a) at 100 items: 2 noise^2 / seeds / 100, all from items.
-    parts = VarianceParts(0.0, math.inf, 2 * noise**2 / seeds / 100, 99, True)
+    item_var = 2 * noise**2 / seeds / 100
+    parts = VarianceParts(0.0, item_var, True, interval_var=item_var, interval_df=99)
     n_items = size_needed(effect, parts, 100, seeds)["items"]
     assert n_items == 126  # (2.80 / 0.25)^2 * 2 * 0.5 / 1
     rng = np.random.default_rng(3)

@@ -53,20 +53,19 @@ Metric = Literal["accuracy", "nll"]
 
 @dataclass(frozen=True)
 class VarianceParts:
-    """Variance of a contrast's estimate due to seeds and due to items, with their degrees of freedom.
+    """Variance of a contrast's estimate due to seeds and due to items (for the seed share and sizing),
+    and the variance and degrees of freedom its interval uses.
 
     `seed_var` is 0 with `seeds_known` False when every model has one seed: one run cannot show how
     far another seed would land.
     """
 
     seed_var: float
-    seed_df: float
     item_var: float
-    item_df: float
     seeds_known: bool
-    interval_var: float = 0.0
+    interval_var: float
     """The estimate's variance the interval uses (run means + item-by-model part; module docstring)."""
-    interval_df: float = math.inf
+    interval_df: float
 
     @property
     def seed_share(self) -> float | None:
@@ -84,12 +83,6 @@ def mean_squares(m: np.ndarray) -> tuple[float, float]:
     return ms_seed, ms_res
 
 
-def seed_variance(m: np.ndarray) -> float:
-    """sigma_seed^2 / S of one seeds x items matrix: (MS_seed - MS_residual) / (S * items), at least 0."""
-    ms_seed, ms_res = mean_squares(m)
-    return max(0.0, ms_seed - ms_res) / m.size
-
-
 def _satterthwaite(terms: Sequence[tuple[float, float]]) -> float:
     """Degrees of freedom of a sum of independent variance estimates (value, df); inf when it is 0."""
     terms = [(v, d) for v, d in terms if v > 0]
@@ -102,24 +95,17 @@ def variance_parts(matrices: Sequence[np.ndarray], weights: Sequence[float]) -> 
     """Seed and item parts of Var(sum_k w_k mean(M_k)); each M_k is seeds x items, items shared."""
     pairs = zip(weights, matrices, strict=True)
     seeded = [(w * w, len(m) - 1, m.size, *mean_squares(m)) for w, m in pairs if len(m) > 1]
-    seed_terms = [(w2 * max(0.0, ms_seed - ms_res) / size, df) for w2, df, size, ms_seed, ms_res in seeded]
+    # sigma_seed^2 / S per model: (MS_seed - MS_residual) / (S * items), at least 0
+    seed_var = sum(w2 * max(0.0, ms_seed - ms_res) / size for w2, _, size, ms_seed, ms_res in seeded)
     run_terms = [(w2 * ms_seed / size, df) for w2, df, size, ms_seed, _ in seeded]
-    seed_var = sum(v for v, _ in seed_terms)
     per_item = sum(w * m.mean(axis=0) for w, m in zip(weights, matrices, strict=True))
     n_items = per_item.shape[0]
     item_var = float(np.var(per_item, ddof=1) / n_items) if n_items > 1 else 0.0
     run_noise = sum(w2 * ms_res / size for w2, _, size, _, ms_res in seeded)
     interaction = (max(0.0, item_var - run_noise), n_items - 1)
-    interval_var = sum(v for v, _ in run_terms) + interaction[0]
-    return VarianceParts(
-        float(seed_var),
-        _satterthwaite(seed_terms),
-        item_var,
-        n_items - 1,
-        bool(seeded),
-        float(interval_var),
-        _satterthwaite([*run_terms, interaction]),
-    )
+    interval_var = float(sum(v for v, _ in run_terms) + interaction[0])
+    interval_df = _satterthwaite([*run_terms, interaction])
+    return VarianceParts(float(seed_var), item_var, bool(seeded), interval_var, interval_df)
 
 
 def contrast(
