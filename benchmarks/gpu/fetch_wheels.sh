@@ -13,6 +13,7 @@
 #   pydantic, pydantic_core, annotated-types, typing-inspection, typing_extensions   the run config
 #   datasketch    imported by medtune.data (MinHash dedupe), on the import path of medtune.train
 #   regex         transformers 5.24 needs >= 2025.10.22; the image's version is not known
+#   liger-kernel, cut-cross-entropy   train.chunked_ce: liger / cce, the peers' fused losses (Triton)
 # The bitsandbytes wheel (43 MB) carries kernels for CUDA 11.8-13.2 and ROCm; unless
 # --full-bitsandbytes is given, it is repacked with the CPU and CUDA 13 libraries only (~9 MB), which
 # keeps the folder well inside the 64 MiB a device call can carry.
@@ -22,7 +23,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 PACKAGES=(bitsandbytes transformers peft pydantic pydantic_core annotated-types typing-inspection
-  typing_extensions datasketch regex)
+  typing_extensions datasketch regex liger-kernel cut-cross-entropy)
 
 dir="$REPO/.whl" full=0
 for arg in "$@"; do

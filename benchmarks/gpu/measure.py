@@ -76,6 +76,7 @@ class Case:
 # In order of importance: when the time budget runs out, the cases at the end are skipped.
 CASES = [
     Case("gemma3-4b_qlora_packed_chunked_ckpt", "gemma3-4b"),
+    Case("gemma3-4b_qlora_packed_chunked_ckpt_mb4", "gemma3-4b", micro_batch=4),
     Case(
         "gemma3-4b_bf16lora_padded_full-ce_no-ckpt",
         "gemma3-4b",
@@ -87,13 +88,19 @@ CASES = [
     ),
     Case("llama-3.1-8b_qlora_packed_chunked_ckpt", "llama-3.1-8b"),
     Case("gemma3-4b_eval_letter_nf4", "gemma3-4b", kind="eval"),
+    Case("gemma3-4b_qlora_packed_liger_ckpt", "gemma3-4b", chunked_ce="liger"),
+    Case("gemma3-4b_qlora_packed_cce_ckpt", "gemma3-4b", chunked_ce="cce"),
+    Case("gemma3-4b_bf16lora_packed_chunked_ckpt_mb4", "gemma3-4b", quant="none", micro_batch=4),
     Case("gemma3-4b_qlora_packed_full-ce_ckpt", "gemma3-4b", chunked_ce="off"),
     Case("gemma3-4b_qlora_packed_chunked_no-ckpt", "gemma3-4b", checkpointing=False),
     Case("gemma3-4b_qlora_packed_full-ce_no-ckpt", "gemma3-4b", chunked_ce="off", checkpointing=False),
     Case("llama-3.1-8b_qlora_packed_chunked_no-ckpt", "llama-3.1-8b", checkpointing=False),
+    Case("gemma3-4b_qlora_packed_chunked_no-ckpt_mb4", "gemma3-4b", checkpointing=False, micro_batch=4),
+    Case("gemma3-4b_bf16lora_packed_chunked_ckpt", "gemma3-4b", quant="none"),
 ]
-PAPER = ("gemma3-4b_bf16lora_padded_full-ce_no-ckpt", "gemma3-4b_qlora_packed_chunked_ckpt")
-"""The paper's comparison on MedGemma 4B: bf16 LoRA on padded rows (48 GB) vs QLoRA packed (20 GB, 5x)."""
+PAPER = ("gemma3-4b_bf16lora_padded_full-ce_no-ckpt", "gemma3-4b_qlora_packed_chunked_ckpt_mb4")
+"""The paper's comparison on MedGemma 4B: bf16 LoRA on padded rows (48 GB) vs QLoRA packed (20 GB, 5x),
+both at 4 rows of seq_len a step."""
 
 
 @dataclass(frozen=True)
@@ -313,7 +320,7 @@ def train_case(case: Case, model_dir: Path, scale: Scale) -> dict[str, Any]:
     module = CausalLMLoss(model, cfg.train)
     after_load = cuda_memory(scale)  # its max_* is the loading peak (bf16 shards before quantisation)
     optimizer = build_optimizer(cfg.train, [p for p in module.parameters() if p.requires_grad], device)
-    examples = synthetic_examples(64, scale.seq_len, TOKENIZER_VOCAB)
+    examples = synthetic_examples(64 * case.micro_batch, scale.seq_len, TOKENIZER_VOCAB)
     lengths = [len(e["input_ids"]) for e in examples]
     rows = build_rows(lengths, cfg.packing, seed=0, epoch=0)
     per_step = case.micro_batch
@@ -482,6 +489,7 @@ def environment(scale: Scale, dry_run: bool) -> dict[str, Any]:
         },
         "scale": asdict(scale),
         "installed_wheels": os.environ.get("MEDTUNE_GPU_INSTALLED", "").split(),
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
     }
 
 
@@ -490,6 +498,19 @@ def write(path: Path, payload: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+def unavailable(case: Case, scale: Scale) -> str | None:
+    """Why a fused-kernel case cannot run here (CUDA only, its package carried in), else None."""
+    from medtune.loss import fused_ce_available
+
+    if case.chunked_ce not in ("liger", "cce"):
+        return None
+    if scale.device != "cuda":
+        return f"chunked_ce: {case.chunked_ce} runs on CUDA only"
+    if not fused_ce_available(case.chunked_ce):
+        return f"chunked_ce: {case.chunked_ce}: its package is not installed (fetch_wheels.sh brings it)"
+    return None
 
 
 def run(
@@ -511,12 +532,13 @@ def run(
 
         for case in cases:
             left = budget_s - (time.perf_counter() - started)
-            if left < 20:
+            why_not = f"time budget of {budget_s:.0f} s spent" if left < 20 else unavailable(case, scale)
+            if why_not:
                 record = {
                     "name": case.name,
                     "settings": asdict(case),
                     "status": "skipped",
-                    "error": f"time budget of {budget_s:.0f} s spent",
+                    "error": why_not,
                     "seconds": 0.0,
                 }
             else:
@@ -578,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     cases = select_cases(args.cases, parser)
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # medtune's default_device() must pick the CPU
+    from medtune.cuda_alloc import default_cuda_allocator
+
+    default_cuda_allocator()  # as the CLI does, before torch first touches the GPU
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     missing = missing_imports()

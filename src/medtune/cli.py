@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+from medtune.cuda_alloc import default_cuda_allocator
 from medtune.offline import enforce_offline
 
 enforce_offline()  # before anything imports the Hugging Face stack
+default_cuda_allocator()  # before torch first touches a GPU
 
 import typer  # noqa: E402
 import yaml  # noqa: E402

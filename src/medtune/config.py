@@ -242,7 +242,8 @@ class TrainConfig(Section):
     checkpoint_every_k_layers: int = Field(default=1, ge=1)
     activation_offload: bool = False
     chunked_ce: Literal["auto", "on", "off", "liger", "cce"] = "auto"
-    """auto: chunked cross-entropy when the vocabulary is large (>= 32k), so full logits never exist."""
+    """auto: chunked cross-entropy when the vocabulary is large (>= 32k), so full logits never exist.
+    liger / cce: the fused Triton kernels (`pip install medtune[fused]`, CUDA; cce needs bf16/fp16)."""
     ce_chunk_size: int = Field(default=256, ge=16)
     """Tokens per cross-entropy chunk: 256 tokens x 262k vocab is one 256 MiB fp32 block."""
     save_every: int | None = Field(default=None, ge=1)

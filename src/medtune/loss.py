@@ -333,6 +333,12 @@ def _fused_ce_sum(
         raise MedtuneError(
             f"train.chunked_ce: {mode} runs on CUDA only; on {hidden.device.type} use chunked_ce: on"
         )
+    if mode == "cce" and hidden.dtype not in (torch.bfloat16, torch.float16):
+        # cut-cross-entropy's backward asserts bf16/fp16 embeddings (seen on an H200): refuse before the step.
+        raise MedtuneError(
+            f"train.chunked_ce: cce needs bf16 or fp16 compute, this model computes in "
+            f"{str(hidden.dtype).removeprefix('torch.')} (model.dtype); use chunked_ce: on or liger"
+        )
     weight = getattr(lm_head, "weight", None)
     if not _is_plain_linear(lm_head, weight):
         raise MedtuneError(
