@@ -249,3 +249,41 @@ def test_a_full_eval_after_a_base_only_eval_scores_the_tuned_model(
     assert not (tmp_path / "run" / "eval" / "tuned").exists()
     assert medtune(capsys, "eval", config)[0] == 0
     assert (tmp_path / "run" / "eval" / "tuned" / "predictions.jsonl").is_file()
+
+
+def test_torchrun_dies_with_a_launcher_killed_by_sigkill(tmp_path: Path) -> None:
+    """The child started with `terminate_with_parent` (as torchrun is) gets SIGTERM when its parent
+    is SIGKILLed, instead of running on as an orphan holding the GPUs."""
+    import signal
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    pid_file = tmp_path / "child.pid"
+    parent = (
+        "import subprocess, sys, time\n"
+        "from medtune.pipeline import terminate_with_parent\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " preexec_fn=terminate_with_parent)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the child outlived its SIGKILLed parent"
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"

@@ -212,12 +212,31 @@ def torchrun_train(
         env=env,
         timeout=timeout_s,
         check=False,
+        preexec_fn=terminate_with_parent,
     )
     if proc.returncode != 0:
         raise MedtuneError(
             f"distributed training failed (torchrun exit code {proc.returncode}); see the log above"
             + (" (on every node: a rank that lost its peers stops with an error)" if _multi(nodes) else "")
         )
+
+
+def terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the process that started it dies (Linux).
+
+    A launcher killed with SIGKILL (an OOM killer, `kill -9`, a scheduler's hard stop) cannot pass
+    anything on, and torchrun with its ranks used to run on as orphans holding the GPUs. With this,
+    the kernel sends torchrun SIGTERM, which it forwards to the ranks: they checkpoint and stop, as
+    on a Ctrl-C. Elsewhere (no prctl) this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
 
 
 def _multi(nodes: DistributedConfig | None) -> bool:
