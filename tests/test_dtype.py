@@ -125,3 +125,20 @@ def test_modules_to_save_train_in_bf16(tiny_llama_dir: Path, modules: list[str])
     saved = [(n, p) for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
     assert {n.split(".modules_to_save")[0].rsplit(".", 1)[-1] for n, _ in saved} == set(modules)
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for _, p in saved)
+
+
+def test_only_global_rank_0_announces_the_model(
+    tmp_path: Path, tiny_llama_dir: Path, capsys, monkeypatch
+) -> None:
+    """Every torchrun rank loads the model; the dtype and parameter lines are printed once per job."""
+    from medtune.config import load_config
+    from medtune.model.load import load_model_for_training
+
+    cfg = load_config(make_run(tmp_path, tiny_llama_dir, model={"dtype": "auto"}))
+    monkeypatch.setenv("RANK", "1")
+    load_model_for_training(cfg)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    load_model_for_training(cfg)
+    out = capsys.readouterr().out
+    assert "model: compute dtype" in out and "trainable params:" in out

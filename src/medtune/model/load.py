@@ -130,6 +130,12 @@ def is_gemma3_multimodal(config: dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------------- dtype and quantisation
 
 
+def _announce(message: str) -> None:
+    """Print once per job: under torchrun every rank loads the model, only global rank 0 says so."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message)
+
+
 def default_device() -> torch.device:
     """This process's GPU (LOCAL_RANK under torchrun) when CUDA is present, else the CPU."""
     if torch.cuda.is_available():
@@ -208,7 +214,7 @@ def load_base_model(cfg: RunConfig, device: torch.device, fsdp: bool = False):
     refuse_custom_code(cfg.model, raw_config)
     use_safetensors = check_weights(cfg.model)
     dtype, why = resolve_compute_dtype(cfg.model, device)
-    print(f"model: compute dtype {str(dtype).removeprefix('torch.')} ({why})")
+    _announce(f"model: compute dtype {str(dtype).removeprefix('torch.')} ({why})")
     kwargs: dict[str, Any] = dict(
         dtype=dtype,
         quantization_config=bnb_config(cfg.quantization, dtype, fsdp),
@@ -301,7 +307,7 @@ def load_model_for_training(cfg: RunConfig, fsdp: bool = False, device: torch.de
     model.train()
     trainable, total = count_parameters(model)
     share = 100 * trainable / total
-    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
+    _announce(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {share:.4f}")
     return model
 
 
