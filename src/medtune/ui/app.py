@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from medtune.errors import MedtuneError
+from medtune.report.inputs import run_config
 from medtune.ui import launch, runs
 from medtune.ui.configs import ConfigProblem, allowed_config, config_files, errors_by_line, validate_text
 from medtune.ui.security import CSRF_FIELD, Guard, PathRefused, contained
@@ -88,7 +89,7 @@ class _Pages:
         run_dir = self.run_dir(request.path_params["name"])
         manifest = runs.read_json(run_dir / "prepare" / "manifest.json")
         metrics = runs.read_json(run_dir / "eval" / "metrics.json")
-        config = runs.resolved_config(run_dir)
+        config = run_config(run_dir)
         return self.render(
             request,
             "run.html",

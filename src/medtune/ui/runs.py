@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.manifest import read_manifest
+from medtune.report.inputs import run_config
 from medtune.ui.launch import is_running, log_tail, read_launch
 
 STAGES = ("prepare", "train", "eval", "report")
@@ -115,17 +116,11 @@ def total_steps(run_dir: Path, manifests: dict[str, dict[str, Any] | None]) -> i
     """Training steps of the run: train.max_steps from the config, else what training printed."""
     if manifests.get("train"):
         return (manifests["train"].get("results") or {}).get("steps")
-    cfg = resolved_config(run_dir, manifests)
+    cfg = run_config(run_dir)
     if cfg and (cfg.get("train") or {}).get("max_steps"):
         return int(cfg["train"]["max_steps"])
     found = TOTAL_STEPS_IN_LOG.findall(log_tail(run_dir, 200_000))
     return int(found[-1]) if found else None
-
-
-def resolved_config(run_dir: Path, manifests: dict[str, dict[str, Any] | None] | None = None) -> dict | None:
-    """The resolved config recorded by the first finished stage (every stage records it)."""
-    manifests = manifests or {stage: read_manifest(run_dir / stage) for stage in STAGES}
-    return next((m["config"] for m in manifests.values() if m and m.get("config")), None)
 
 
 def metrics_tail(run_dir: Path, max_bytes: int = 8192) -> list[dict[str, Any]]:
