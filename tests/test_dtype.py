@@ -49,9 +49,17 @@ def test_auto_on_cpu_without_onednn_stays_fp32() -> None:
     assert cpu_caps.cpu_bf16_choice(SAPPHIRE_RAPIDS, onednn=True)[0] is True
 
 
-def test_auto_on_cuda_is_bf16_and_explicit_dtype_wins(monkeypatch) -> None:
+def test_auto_on_cuda_is_bf16_from_ampere_on_and_explicit_dtype_wins(monkeypatch) -> None:
     monkeypatch.setattr(cpu_caps, "cpu_flags", lambda: frozenset(ZEN3))
-    assert compute_dtype(auto(), torch.device("cuda", 0)) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100/H200
+    assert resolve_compute_dtype(auto(), torch.device("cuda", 0)) == (
+        torch.bfloat16,
+        "auto on CUDA: compute capability 9.0 has bf16",
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4
+    dtype, why = resolve_compute_dtype(auto(), torch.device("cuda", 0))
+    assert dtype == torch.float32 and "7.5 has no native bf16" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # A100
     pinned = ModelConfig(path=Path("unused"), dtype="float32")
     assert resolve_compute_dtype(pinned, torch.device("cuda", 0)) == (torch.float32, "set by model.dtype")
     monkeypatch.setattr(cpu_caps, "cpu_flags", lambda: frozenset(SAPPHIRE_RAPIDS))

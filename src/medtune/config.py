@@ -167,9 +167,10 @@ class ModelConfig(Section):
     path: Path
     """A local model directory (safetensors + config.json + tokenizer). Never a hub id: medtune is offline."""
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
-    """Compute dtype. auto: bfloat16 on CUDA; on CPU bfloat16 where the chip multiplies it natively
-    (amx_bf16 or avx512_bf16 flags), else float32 (emulated bf16 is slower). Training prints the choice.
-    Pin float32 for runs that must match fp32 numbers exactly across machines."""
+    """Compute dtype. auto: bfloat16 where the chip computes it natively (GPUs from Ampere on, compute
+    capability >= 8.0; CPUs with amx_bf16 or avx512_bf16 flags), else float32 (emulated bf16 is slower).
+    Training prints the choice. Pin float32 for runs that must match fp32 numbers exactly across
+    machines. float16 is trained without loss scaling: prefer float32 on GPUs without bf16."""
     attn_implementation: Literal["sdpa", "eager", "flex_attention", "flash_attention_2"] = "sdpa"
     trust_remote_code: bool = False
     allow_pickle: bool = False

@@ -149,15 +149,20 @@ def compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype:
 
 
 def resolve_compute_dtype(model_cfg: ModelConfig, device: torch.device) -> tuple[torch.dtype, str]:
-    """(dtype, why). auto: bf16 on CUDA; on CPU bf16 only where the chip multiplies it natively.
+    """(dtype, why). auto: bf16 where the chip computes it natively, else fp32.
 
     On a CPU without amx_bf16/avx512_bf16, bf16 matmuls are emulated and slower than fp32, so auto
-    keeps fp32 there (`medtune.model.cpu_caps` holds the rule and its measurements).
+    keeps fp32 there (`medtune.model.cpu_caps` holds the rule and its measurements). GPUs before
+    Ampere (compute capability < 8.0: V100, T4, still common in hospitals) have no bf16 units either;
+    fp16 would need loss scaling, which medtune's loop does not do, so auto is fp32 there too.
     """
     if model_cfg.dtype != "auto":
         return getattr(torch, model_cfg.dtype), "set by model.dtype"
     if device.type == "cuda":
-        return torch.bfloat16, "auto on CUDA"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"auto on CUDA: compute capability {major}.{minor} has bf16"
+        return torch.float32, f"auto on CUDA: compute capability {major}.{minor} has no native bf16"
     use_bf16, reason = cpu_bf16_choice()
     return (torch.bfloat16 if use_bf16 else torch.float32), f"auto on {device.type}: {reason}"
 
