@@ -157,3 +157,17 @@ def test_exported_model_chats_in_the_format_its_run_recorded(tmp_path: Path, lay
     _, tok, fmt = load_chat_model(model_dir)
     assert fmt == FormatConfig(template="plain", prompt_language="en")
     assert build_prompt(tok, [{"role": "user", "content": "두통"}], fmt) == "두통\n\nResponse:"
+
+
+def test_chat_dtype_follows_the_device(monkeypatch) -> None:
+    import torch
+
+    from medtune.chat import chat_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert chat_dtype() == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert chat_dtype() == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert chat_dtype() == torch.float16

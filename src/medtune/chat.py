@@ -77,10 +77,18 @@ def _exported_format(model_dir: Path) -> FormatConfig:
         return FormatConfig()
 
 
+def chat_dtype() -> torch.dtype:
+    """Inference dtype of an exported model: bf16 on GPUs with bf16 units (compute capability >= 8.0),
+    fp16 on older ones (V100, T4: fine for inference, no gradients to underflow), fp32 on the CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+
+
 def _load_exported(model_dir: Path, gguf_file: str | None = None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    dtype = chat_dtype()
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True, **kwargs)
