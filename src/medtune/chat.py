@@ -80,9 +80,11 @@ def _exported_format(model_dir: Path) -> FormatConfig:
 def chat_dtype() -> torch.dtype:
     """Inference dtype of an exported model: bf16 on GPUs with bf16 units (compute capability >= 8.0),
     fp16 on older ones (V100, T4: fine for inference, no gradients to underflow), fp32 on the CPU."""
+    from medtune.model.load import gpu_bf16_choice
+
     if not torch.cuda.is_available():
         return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return torch.bfloat16 if gpu_bf16_choice(torch.device("cuda"))[0] else torch.float16
 
 
 def _load_exported(model_dir: Path, gguf_file: str | None = None) -> tuple[Any, Any]:

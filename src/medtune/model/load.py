@@ -159,12 +159,20 @@ def resolve_compute_dtype(model_cfg: ModelConfig, device: torch.device) -> tuple
     if model_cfg.dtype != "auto":
         return getattr(torch, model_cfg.dtype), "set by model.dtype"
     if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major >= 8:
-            return torch.bfloat16, f"auto on CUDA: compute capability {major}.{minor} has bf16"
-        return torch.float32, f"auto on CUDA: compute capability {major}.{minor} has no native bf16"
-    use_bf16, reason = cpu_bf16_choice()
-    return (torch.bfloat16 if use_bf16 else torch.float32), f"auto on {device.type}: {reason}"
+        use_bf16, reason = gpu_bf16_choice(device)
+        where = "CUDA"
+    else:
+        use_bf16, reason = cpu_bf16_choice()
+        where = device.type
+    return (torch.bfloat16 if use_bf16 else torch.float32), f"auto on {where}: {reason}"
+
+
+def gpu_bf16_choice(device: torch.device) -> tuple[bool, str]:
+    """(has bf16 units, why): compute capability 8.0 (Ampere) and later; the GPU twin of
+    `cpu_caps.cpu_bf16_choice`, shared by training and `medtune chat`."""
+    major, minor = torch.cuda.get_device_capability(device)
+    has = major >= 8
+    return has, f"compute capability {major}.{minor} has {'bf16' if has else 'no native bf16'}"
 
 
 def quant_storage_dtype(quant_cfg: QuantizationConfig, dtype: torch.dtype, fsdp: bool) -> torch.dtype:
