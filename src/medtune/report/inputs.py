@@ -7,6 +7,7 @@ can say what is missing instead of filling it in.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+CONFIG_STAGES = ("eval", "train", "prepare")
+"""Where a run's resolved config is read from, latest stage first (every stage records the same one)."""
+
+
 def run_config(run_dir: Path) -> dict[str, Any] | None:
     """The resolved config from the latest stage manifest that has one (eval, then train, then prepare)."""
-    for stage in ("eval", "train", "prepare"):
-        manifest = read_json(run_dir / stage / "run.json")
+    return config_from({stage: read_json(run_dir / stage / "run.json") for stage in CONFIG_STAGES})
+
+
+def config_from(manifests: Mapping[str, dict[str, Any] | None]) -> dict[str, Any] | None:
+    """`run_config` from stage manifests already read (`{stage: run.json or None}`)."""
+    for stage in CONFIG_STAGES:
+        manifest = manifests.get(stage)
         if manifest and manifest.get("config"):
             return manifest["config"]
     return None

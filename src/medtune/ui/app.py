@@ -87,8 +87,8 @@ class _Pages:
 
     async def run_page(self, request: Request) -> Response:
         run_dir = self.run_dir(request.path_params["name"])
-        manifest = runs.read_json(run_dir / "prepare" / "manifest.json")
-        metrics = runs.read_json(run_dir / "eval" / "metrics.json")
+        manifest = launch.read_json(run_dir / "prepare" / "manifest.json")
+        metrics = launch.read_json(run_dir / "eval" / "metrics.json")
         config = run_config(run_dir)
         return self.render(
             request,

@@ -62,10 +62,10 @@ def is_running(run_dir: Path) -> bool:
 
 def read_launch(run_dir: Path) -> dict[str, Any] | None:
     """`launch.json` and `exit.json` merged: how the dashboard started the run and how it ended."""
-    record = _read_json(ui_dir(run_dir) / "launch.json")
+    record = read_json(ui_dir(run_dir) / "launch.json")
     if record is None:
         return None
-    return record | (_read_json(ui_dir(run_dir) / "exit.json") or {})
+    return record | (read_json(ui_dir(run_dir) / "exit.json") or {})
 
 
 def start_run(config: Path, run_dir: Path, resume: bool = False) -> int:
@@ -127,7 +127,8 @@ def log_tail(run_dir: Path, max_bytes: int = 6000) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines())
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> Any:
+    """A JSON file, or None when it is absent or being replaced (the dashboard reads live run folders)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

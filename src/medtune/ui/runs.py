@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from medtune.manifest import read_manifest
-from medtune.report.inputs import run_config
-from medtune.ui.launch import is_running, log_tail, read_launch
+from medtune.report.inputs import config_from
+from medtune.ui.launch import is_running, log_tail, read_json, read_launch
 
 STAGES = ("prepare", "train", "eval", "report")
 SWEEP_FILE = "sweep.json"  # what `medtune sweep` writes at the top of its folder
@@ -116,7 +116,7 @@ def total_steps(run_dir: Path, manifests: dict[str, dict[str, Any] | None]) -> i
     """Training steps of the run: train.max_steps from the config, else what training printed."""
     if manifests.get("train"):
         return (manifests["train"].get("results") or {}).get("steps")
-    cfg = run_config(run_dir)
+    cfg = config_from(manifests)
     if cfg and (cfg.get("train") or {}).get("max_steps"):
         return int(cfg["train"]["max_steps"])
     found = TOTAL_STEPS_IN_LOG.findall(log_tail(run_dir, 200_000))
@@ -181,14 +181,6 @@ def read_quarantine(run_dir: Path, offset: int = 0, limit: int = 100) -> tuple[l
         return [], 0
     page = [json.loads(line) for line in lines[offset : offset + limit] if line.strip()]
     return page, len(lines)
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file, or None when it is absent or being replaced."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def exports(run_dir: Path) -> list[str]:
