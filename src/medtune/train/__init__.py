@@ -6,7 +6,6 @@
 - `metrics.py`    metrics.jsonl (and TensorBoard)
 - `checkpoint.py` atomic, resumable checkpoints; owns trainer_state.json
 - `distributed.py` process groups, FSDP2 sharding, agreeing on a stop signal
-- `offload.py`    activation offloading and per-layer checkpointing
 
 The loss lives in `medtune.loss`: evaluation's held-out NLL shares it.
 """

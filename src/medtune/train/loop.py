@@ -156,7 +156,7 @@ def resume_from_checkpoint(run: Run, force: bool) -> int:
 
 def announce(run: Run) -> dict[str, Any]:
     """Print what the run will do; returns the packing statistics of the first epoch's rows."""
-    rows, lengths = run.rows, run.examples.lengths()
+    rows, lengths = run.rows, run.rows.lengths
     stats = packing_stats(rows.first_epoch, lengths, run.cfg.packing)
     if run.info.is_main:
         print(
